@@ -1,0 +1,1 @@
+"""IRG: interleaving reasoning generation — model, inference, data, training, serving."""

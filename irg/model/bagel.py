@@ -1,0 +1,238 @@
+"""The unified model: MoT language model + SigLIP understanding tower + latent-token glue.
+
+The autoencoder is not part of this module: the official checkpoint keeps it in its own file
+(``ae.safetensors``) and it stays frozen, so callers encode/decode pixels themselves.
+
+Two entry points:
+* :meth:`Bagel.forward` — packed training forward (CE on text, rectified-flow MSE on latents).
+* cache-based inference primitives — ``prefill_text``, ``prefill_vae_image``, ``prefill_vit_image``,
+  ``decode_step`` and ``predict_velocity`` — each over a list of independent contexts packed into
+  one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from irg.model.attention import CAUSAL, FULL, KVCache, LayerKV, PackedAttention
+from irg.model.batch import PackedBatch
+from irg.model.config import BagelConfig
+from irg.model.embeddings import PositionEmbedding2D, TimestepEmbedder
+from irg.model.latents import patchify_latent, shift_timesteps
+from irg.model.llm import MoTLanguageModel, TokenRouting
+from irg.model.vit import MLPConnector, SiglipVisionTower
+
+
+@dataclass
+class TrainingOutput:
+    """Per-token losses (reduction is the trainer's job: it needs token counts across ranks)."""
+
+    last_hidden_state: torch.Tensor
+    ce_logits: torch.Tensor | None
+    ce_per_token: torch.Tensor | None  # [num_ce_tokens]
+    mse_preds: torch.Tensor | None
+    mse_per_element: torch.Tensor | None  # [num_noised_tokens, latent_channels]
+
+
+@dataclass
+class _Block:
+    """New tokens for one context: input embeddings, which go to the generation expert, positions."""
+
+    embeds: torch.Tensor
+    gen_mask: torch.Tensor
+    position_ids: torch.Tensor
+    mask: str
+
+
+class Bagel(nn.Module):
+    def __init__(self, config: BagelConfig, image_start_token_id: int = 151652, image_end_token_id: int = 151653):
+        super().__init__()
+        self.config = config
+        hidden = config.llm.hidden_size
+        self.image_start_token_id = image_start_token_id
+        self.image_end_token_id = image_end_token_id
+        self.language_model = MoTLanguageModel(config.llm)
+        self.vit_model = SiglipVisionTower(config.vit)
+        self.connector = MLPConnector(config.vit.hidden_size, hidden)
+        self.vit_pos_embed = PositionEmbedding2D(config.vit_max_num_patch_per_side, hidden)
+        self.latent_pos_embed = PositionEmbedding2D(config.max_latent_size, hidden)
+        self.time_embedder = TimestepEmbedder(hidden)
+        self.vae2llm = nn.Linear(config.latent_channels, hidden)
+        self.llm2vae = nn.Linear(hidden, config.latent_channels)
+
+    # ---------------------------------------------------------------- token embeddings
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.model.embed_tokens(ids)
+
+    def embed_vit(self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens) -> torch.Tensor:
+        """Flattened 14x14 patches of one or more images -> LLM inputs of their ViT tokens."""
+        features = self.vit_model(patches.to(self.vae2llm.weight.dtype), position_ids, seqlens)
+        return self.connector(features) + self.vit_pos_embed(position_ids)
+
+    def embed_latents(self, x: torch.Tensor, t: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Latent tokens x [N, 64] at flow times t [N] -> LLM inputs."""
+        x = x.to(self.vae2llm.weight.dtype)
+        return self.vae2llm(x) + self.time_embedder(t) + self.latent_pos_embed(position_ids)
+
+    # ---------------------------------------------------------------- training
+
+    def forward(
+        self,
+        batch: PackedBatch,
+        padded_latent: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TrainingOutput:
+        """Packed training forward.
+
+        ``padded_latent`` is the (frozen) autoencoder's scaled latent of ``batch.padded_images``;
+        ``noise`` the flow noise for every latent token (drawn when not given).
+        """
+        device, dtype = self.vae2llm.weight.device, self.vae2llm.weight.dtype
+        hidden = self.config.llm.hidden_size
+        x = torch.zeros(batch.sequence_length, hidden, device=device, dtype=dtype)
+        x[batch.packed_text_indexes] = self.embed_text(batch.packed_text_ids)
+        gen_mask = torch.zeros(batch.sequence_length, dtype=torch.bool, device=device)
+
+        if batch.has_vit:
+            x[batch.packed_vit_token_indexes] = self.embed_vit(
+                batch.packed_vit_tokens, batch.packed_vit_position_ids, batch.vit_token_seqlens
+            )
+
+        mse_target = t = None
+        if batch.has_latents:
+            if padded_latent is None:
+                raise ValueError("the batch has latent tokens but no padded_latent was given")
+            patch = self.config.latent_patch_size
+            x0 = torch.cat([
+                patchify_latent(latent[:, : h * patch, : w * patch], patch)
+                for latent, (h, w) in zip(padded_latent, batch.patchified_vae_latent_shapes)
+            ]).to(dtype)
+            if noise is None:
+                noise = torch.randn(x0.shape, generator=generator, device=device, dtype=dtype)
+            t = shift_timesteps(torch.sigmoid(batch.packed_timesteps.float()), self.config.timestep_shift)
+            x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
+            x[batch.packed_vae_token_indexes] = self.embed_latents(x_t, t, batch.packed_latent_position_ids)
+            gen_mask[batch.packed_vae_token_indexes] = True
+            mse_target = noise - x0
+
+        spec = PackedAttention(list(batch.sample_lens), list(batch.attention_masks))
+        last_hidden, _ = self.language_model.model(
+            x, batch.packed_position_ids, TokenRouting.from_gen_mask(gen_mask), spec
+        )
+
+        ce_logits = ce_per_token = None
+        if batch.ce_loss_indexes is not None and batch.ce_loss_indexes.numel():
+            ce_logits = self.language_model.lm_head(last_hidden[batch.ce_loss_indexes])
+            ce_per_token = F.cross_entropy(ce_logits.float(), batch.packed_label_ids, reduction="none")
+
+        mse_preds = mse_per_element = None
+        if mse_target is not None and batch.mse_loss_indexes is not None and batch.mse_loss_indexes.numel():
+            mse_preds = self.llm2vae(last_hidden[batch.mse_loss_indexes])
+            noised = t > 0
+            mse_per_element = (mse_preds.float() - mse_target[noised].float()) ** 2
+
+        return TrainingOutput(last_hidden, ce_logits, ce_per_token, mse_preds, mse_per_element)
+
+    # ---------------------------------------------------------------- cached inference
+
+    def _run(self, caches: list[KVCache], blocks: list[_Block], keep: bool, position_advance: list[int]):
+        """One forward of new token blocks, block i attending to cache i. Returns hidden states of
+        each block and, when ``keep``, the extended caches."""
+        embeds = torch.cat([b.embeds for b in blocks])
+        position_ids = torch.cat([b.position_ids for b in blocks])
+        routing = TokenRouting.from_gen_mask(torch.cat([b.gen_mask for b in blocks]))
+        spec = PackedAttention([b.embeds.shape[0] for b in blocks], [b.mask for b in blocks])
+        num_layers = self.config.llm.num_hidden_layers
+        past = None
+        if any(c.layers for c in caches):
+            empty = LayerKV(embeds.new_empty(0), embeds.new_empty(0))
+            past = [[c.layers[layer] if c.layers else empty for c in caches] for layer in range(num_layers)]
+        hidden, presents = self.language_model.model(embeds, position_ids, routing, spec, past)
+        hidden_per_block = hidden.split(spec.query_lens)
+        if not keep:
+            return hidden_per_block, caches
+        new_caches = [
+            KVCache(
+                layers=[presents[layer][i] for layer in range(num_layers)],
+                length=cache.length + block.embeds.shape[0],
+                position=cache.position + advance,
+            )
+            for i, (cache, block, advance) in enumerate(zip(caches, blocks, position_advance))
+        ]
+        return hidden_per_block, new_caches
+
+    def _positions(self, cache: KVCache, length: int, same: bool) -> torch.Tensor:
+        device = self.vae2llm.weight.device
+        if same:
+            return torch.full((length,), cache.position, dtype=torch.long, device=device)
+        return torch.arange(cache.position, cache.position + length, device=device)
+
+    def _text_block(self, cache: KVCache, ids: torch.Tensor) -> _Block:
+        ids = ids.to(self.vae2llm.weight.device)
+        n = ids.shape[0]
+        return _Block(self.embed_text(ids), torch.zeros(n, dtype=torch.bool, device=ids.device),
+                      self._positions(cache, n, same=False), CAUSAL)
+
+    def _image_block(self, cache: KVCache, token_embeds: torch.Tensor, generation_expert: bool) -> _Block:
+        """``<|vision_start|>`` + image tokens + ``<|vision_end|>``, all at the context's current position."""
+        device = token_embeds.device
+        markers = self.embed_text(torch.tensor([self.image_start_token_id, self.image_end_token_id], device=device))
+        embeds = torch.cat([markers[:1], token_embeds.to(markers.dtype), markers[1:]])
+        n = token_embeds.shape[0]
+        gen_mask = torch.zeros(n + 2, dtype=torch.bool, device=device)
+        gen_mask[1 : n + 1] = generation_expert
+        return _Block(embeds, gen_mask, self._positions(cache, n + 2, same=True), FULL)
+
+    @torch.no_grad()
+    def prefill_text(self, caches: list[KVCache], ids: list[torch.Tensor]) -> list[KVCache]:
+        """Append a text span (ids already wrapped in ``<|im_start|>``/``<|im_end|>``) to each context."""
+        blocks = [self._text_block(c, i) for c, i in zip(caches, ids)]
+        return self._run(caches, blocks, keep=True, position_advance=[len(i) for i in ids])[1]
+
+    @torch.no_grad()
+    def decode_step(self, caches: list[KVCache], token_ids: torch.Tensor) -> tuple[torch.Tensor, list[KVCache]]:
+        """Feed one token per context; return next-token logits [B, vocab] and the extended caches."""
+        blocks = [self._text_block(c, token_ids[i : i + 1]) for i, c in enumerate(caches)]
+        hidden, caches = self._run(caches, blocks, keep=True, position_advance=[1] * len(caches))
+        return self.language_model.lm_head(torch.cat(hidden)).float(), caches
+
+    @torch.no_grad()
+    def prefill_vae_image(
+        self, caches: list[KVCache], latent_tokens: list[torch.Tensor], position_ids: list[torch.Tensor]
+    ) -> list[KVCache]:
+        """Cache clean latent tokens (t = 0) of an image as a conditioning block."""
+        blocks = []
+        for cache, tokens, pos in zip(caches, latent_tokens, position_ids):
+            t = torch.zeros(tokens.shape[0], device=tokens.device)
+            blocks.append(self._image_block(cache, self.embed_latents(tokens, t, pos), generation_expert=True))
+        return self._run(caches, blocks, keep=True, position_advance=[1] * len(caches))[1]
+
+    @torch.no_grad()
+    def prefill_vit_image(
+        self, caches: list[KVCache], patches: list[torch.Tensor], position_ids: list[torch.Tensor]
+    ) -> list[KVCache]:
+        """Cache the understanding (ViT) tokens of an image."""
+        seqlens = [p.shape[0] for p in patches]
+        vit = self.embed_vit(torch.cat(patches), torch.cat(position_ids), seqlens).split(seqlens)
+        blocks = [self._image_block(c, v, generation_expert=False) for c, v in zip(caches, vit)]
+        return self._run(caches, blocks, keep=True, position_advance=[1] * len(caches))[1]
+
+    @torch.no_grad()
+    def predict_velocity(
+        self, caches: list[KVCache], x_t: torch.Tensor, t: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Flow velocity of latent tokens x_t [B, N, 64] at times t [B], sample i conditioned on
+        context i; the query block is not cached. Returns [B, N, 64]."""
+        n = x_t.shape[1]
+        blocks = []
+        for i, cache in enumerate(caches):
+            embeds = self.embed_latents(x_t[i], t[i].expand(n), position_ids)
+            blocks.append(self._image_block(cache, embeds, generation_expert=True))
+        hidden, _ = self._run(caches, blocks, keep=False, position_advance=[0] * len(caches))
+        return torch.stack([self.llm2vae(h[1 : n + 1]) for h in hidden]).float()

@@ -1,0 +1,168 @@
+"""Read and write checkpoints in the official BAGEL layout, from a local folder or an ``s3://`` URI.
+
+Layout: ``llm_config.json``, ``vit_config.json``, ``ema.safetensors`` (the whole unified model),
+``ae.safetensors`` (FLUX autoencoder), tokenizer files; optional ``ae_config.json`` (autoencoder
+widths, when not the real FLUX ones) and ``bagel_config.json`` (latent grid, patch sizes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from irg import storage
+from irg.model.autoencoder import AutoEncoder
+from irg.model.bagel import Bagel
+from irg.model.config import BagelConfig
+from irg.model.safetensors_stream import SafetensorsReader, write_safetensors
+
+REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "generation_config.json", "chat_template.jinja",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model it is loaded into; the message names the keys."""
+
+
+@dataclass
+class Pretrained:
+    """Everything a checkpoint folder holds, ready to use."""
+
+    model: Bagel
+    autoencoder: AutoEncoder
+    tokenizer: Any
+    config: BagelConfig
+
+
+def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> Pretrained:
+    path = str(path)
+    for name in REQUIRED_FILES:
+        if not storage.exists(storage.join(path, name)):
+            raise FileNotFoundError(f"checkpoint {path!r} has no {name} (expected the official BAGEL layout)")
+    config = BagelConfig.from_checkpoint_dir(_read_configs(path))
+    tokenizer = load_tokenizer(path)
+    start_id, end_id = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+    with torch.device("meta"):
+        model = Bagel(config, image_start_token_id=start_id, image_end_token_id=end_id)
+        autoencoder = AutoEncoder(config.ae)
+    load_weights(model, storage.join(path, "ema.safetensors"), device, dtype)
+    load_weights(autoencoder, storage.join(path, "ae.safetensors"), device, dtype)
+    model.eval()
+    autoencoder.eval().requires_grad_(False)
+    return Pretrained(model, autoencoder, tokenizer, config)
+
+
+def _read_configs(path: str) -> dict[str, dict]:
+    files = {}
+    for name in ("llm_config.json", "vit_config.json", "ae_config.json", "bagel_config.json"):
+        uri = storage.join(path, name)
+        if storage.exists(uri):
+            with storage.open_file(uri, "r") as f:
+                try:
+                    files[name] = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise CheckpointError(f"{uri}: invalid JSON ({e})") from None
+    return files
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's Hugging Face tokenizer (remote files are copied to a temporary folder first)."""
+    from transformers import AutoTokenizer
+
+    if not storage.is_remote(path):
+        return AutoTokenizer.from_pretrained(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in TOKENIZER_FILES:
+            uri = storage.join(path, name)
+            if storage.exists(uri):
+                with storage.open_file(uri) as src, open(os.path.join(tmp, name), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def load_weights(module: nn.Module, uri: str, device="cpu", dtype: torch.dtype | None = None) -> None:
+    """Fill ``module`` (typically built on the meta device) from a safetensors file, tensor by tensor.
+
+    Every key must match: missing keys, unexpected keys and shape mismatches raise
+    :class:`CheckpointError` naming them, before any weight is read.
+    """
+    with storage.open_file(uri, "rb") as f:
+        reader = SafetensorsReader(f, uri)
+        expected = {name: tuple(p.shape) for name, p in module.state_dict(keep_vars=True).items()}
+        check_keys(expected, {k: reader.shape(k) for k in reader.keys()}, uri)
+        for name in reader.keys():
+            tensor = reader.get(name)
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            _assign(module, name, tensor.to(device))
+
+
+def check_keys(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [f"{k}: checkpoint {found[k]} vs model {expected[k]}"
+                  for k in sorted(set(expected) & set(found)) if tuple(found[k]) != tuple(expected[k])]
+    problems = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+            problems.append(f"{title}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(tensor, requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(attr, tensor)
+
+
+def save_pretrained(
+    path: str | os.PathLike, model: Bagel, autoencoder: AutoEncoder, tokenizer=None, dtype: torch.dtype | None = None
+) -> None:
+    """Write the official layout (plus ``ae_config.json`` and ``bagel_config.json``) to a folder or URI."""
+    path = str(path)
+    config = model.config
+    llm = asdict(config.llm) | {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "qk_norm": True, "layer_module": "Qwen2MoTDecoderLayer", "tie_word_embeddings": False,
+    }
+    bagel = {
+        "visual_gen": True, "visual_und": True, "latent_patch_size": config.latent_patch_size,
+        "max_latent_size": config.max_latent_size, "vit_max_num_patch_per_side": config.vit_max_num_patch_per_side,
+        "connector_act": "gelu_pytorch_tanh", "interpolate_pos": False, "timestep_shift": config.timestep_shift,
+    }
+    for name, content in (("llm_config.json", llm), ("vit_config.json", config.vit.to_hf_dict()),
+                          ("ae_config.json", asdict(config.ae)), ("bagel_config.json", bagel)):
+        with storage.open_file(storage.join(path, name), "w") as f:
+            json.dump(content, f, indent=2)
+    for name, module in (("ema.safetensors", model), ("ae.safetensors", autoencoder)):
+        with storage.open_file(storage.join(path, name), "wb") as f:
+            write_safetensors(f, module.state_dict(), dtype)
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, path)
+
+
+def _save_tokenizer(tokenizer, path: str) -> None:
+    if not storage.is_remote(path):
+        tokenizer.save_pretrained(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as src, storage.open_file(storage.join(path, name), "wb") as dst:
+                shutil.copyfileobj(src, dst)

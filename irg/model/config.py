@@ -1,0 +1,170 @@
+"""Model configuration as plain dataclasses.
+
+Two presets: ``tiny`` (the random test checkpoint in ``tests/fixtures/bagel_tiny``) and ``bagel-7b``
+(BAGEL-7B-MoT: Qwen2.5-7B MoT LLM, SigLIP so400m/14 at 980 px, FLUX autoencoder). Configs can also be
+read from the official checkpoint files (``llm_config.json``, ``vit_config.json``, ``ae_config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LLMConfig:
+    """Qwen2-shaped Mixture-of-Transformers language model."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "LLMConfig":
+        # The reference loaders force qk_norm=True, tie_word_embeddings=False and the MoT layer
+        # whatever the file says; this architecture has no switches for them, so they are ignored.
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class ViTConfig:
+    """SigLIP vision tower. ``num_hidden_layers`` is the number of layers actually used."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 980
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ViTConfig":
+        # BAGEL drops SigLIP's last layer (it uses penultimate features): the file's
+        # num_hidden_layers counts it, the model does not.
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["num_hidden_layers"] = d["num_hidden_layers"] - 1
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["num_hidden_layers"] = self.num_hidden_layers + 1
+        d.update(model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh", attention_dropout=0.0)
+        return d
+
+
+@dataclass
+class AEConfig:
+    """FLUX autoencoder (16 latent channels, 8x downsampling)."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    downsample: int = 8
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class BagelConfig:
+    """The whole unified model: LLM, ViT, autoencoder and the glue between them."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    ae: AEConfig = field(default_factory=AEConfig)
+    latent_patch_size: int = 2
+    max_latent_size: int = 64
+    vit_max_num_patch_per_side: int = 70
+    timestep_shift: float = 4.0  # training-time shift of sampled timesteps (IRG setting)
+
+    @property
+    def latent_channels(self) -> int:
+        """Features of one latent token: a p x p patch of the z_channels latent."""
+        return self.latent_patch_size**2 * self.ae.z_channels
+
+    @property
+    def pixels_per_latent_token(self) -> int:
+        return self.ae.downsample * self.latent_patch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BagelConfig":
+        d = dict(d)
+        return cls(
+            llm=LLMConfig(**d.pop("llm")),
+            vit=ViTConfig(**d.pop("vit")),
+            ae=AEConfig(**d.pop("ae")),
+            **d,
+        )
+
+    @classmethod
+    def from_checkpoint_dir(cls, files: dict[str, dict]) -> "BagelConfig":
+        """Build from the parsed JSON files of an official checkpoint folder (name -> dict)."""
+        bagel = files.get("bagel_config.json", {})
+        return cls(
+            llm=LLMConfig.from_hf_dict(files["llm_config.json"]),
+            vit=ViTConfig.from_hf_dict(files["vit_config.json"]),
+            ae=AEConfig.from_dict(files["ae_config.json"]) if "ae_config.json" in files else AEConfig(),
+            latent_patch_size=bagel.get("latent_patch_size", 2),
+            max_latent_size=bagel.get("max_latent_size", 64),
+            vit_max_num_patch_per_side=bagel.get("vit_max_num_patch_per_side", 70),
+            timestep_shift=bagel.get("timestep_shift", 4.0),
+        )
+
+
+def tiny_config() -> BagelConfig:
+    """The configuration of ``tests/fixtures/bagel_tiny``."""
+    return BagelConfig(
+        llm=LLMConfig(
+            vocab_size=1344, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2,
+        ),
+        vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        ae=AEConfig(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1),
+    )
+
+
+def bagel_7b_config() -> BagelConfig:
+    """BAGEL-7B-MoT, the checkpoint IRG fine-tunes."""
+    return BagelConfig()
+
+
+PRESETS = {"tiny": tiny_config, "bagel-7b": bagel_7b_config}
+
+
+def get_config(name: str) -> BagelConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)

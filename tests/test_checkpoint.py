@@ -1,0 +1,131 @@
+"""Checkpoint layout: key inventories, loading errors that name the problem, save/load round trip."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import FIXTURE_DIR, load_golden
+
+from irg.model import AutoEncoder, CheckpointError, build_model, get_config, load_pretrained, save_pretrained
+from irg.model.config import BagelConfig, read_json
+from irg.model.safetensors_stream import write_safetensors
+
+
+def read_inventory(name: str) -> dict[str, tuple[int, ...]]:
+    rows = (FIXTURE_DIR / name).read_text().splitlines()
+    entries = [r.split("\t") for r in rows if r and not r.startswith("#")][1:]  # skip the header row
+    return {key: tuple(json.loads(shape)) for key, shape, _formula in entries}
+
+
+def shapes(module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def test_bagel_7b_on_meta_device_has_the_official_inventory():
+    with torch.device("meta"):
+        model = build_model("bagel-7b")
+    assert shapes(model) == read_inventory("keys_real_7b.tsv")
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(14.6e9, rel=0.01)
+
+
+def test_real_flux_autoencoder_inventory():
+    with torch.device("meta"):
+        ae = AutoEncoder(get_config("bagel-7b").ae)
+    assert shapes(ae) == read_inventory("ae_keys_real.tsv")
+
+
+def test_tiny_preset_matches_the_fixture_files():
+    files = {n: read_json(FIXTURE_DIR / n) for n in ("llm_config.json", "vit_config.json", "ae_config.json",
+                                                     "bagel_config.json")}
+    assert BagelConfig.from_checkpoint_dir(files) == get_config("tiny")
+    with torch.device("meta"):
+        assert shapes(build_model("tiny")) == read_inventory("keys.tsv")
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="unknown model preset 'bagel-13b'"):
+        build_model("bagel-13b")
+
+
+@pytest.fixture
+def checkpoint_copy(tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(FIXTURE_DIR, dst, ignore=shutil.ignore_patterns("golden"))
+    dst.chmod(0o755)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    return dst
+
+
+def test_missing_file_is_named(checkpoint_copy):
+    (checkpoint_copy / "ae.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="ae.safetensors"):
+        load_pretrained(checkpoint_copy)
+
+
+def rewrite_ema(path, edit):
+    from safetensors.torch import load
+
+    tensors = load((path / "ema.safetensors").read_bytes())  # not mmapped: the file is rewritten below
+    edit(tensors)
+    with open(path / "ema.safetensors", "wb") as f:
+        write_safetensors(f, tensors)
+
+
+def test_missing_key_is_named(checkpoint_copy):
+    rewrite_ema(checkpoint_copy, lambda t: t.pop("llm2vae.bias"))
+    with pytest.raises(CheckpointError, match=r"missing keys: llm2vae\.bias"):
+        load_pretrained(checkpoint_copy)
+
+
+def test_unexpected_key_is_named(checkpoint_copy):
+    rewrite_ema(checkpoint_copy, lambda t: t.__setitem__("extra_head.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: extra_head\.weight"):
+        load_pretrained(checkpoint_copy)
+
+
+def test_shape_mismatch_is_named(checkpoint_copy):
+    rewrite_ema(checkpoint_copy, lambda t: t.__setitem__("vae2llm.bias", torch.zeros(65)))
+    with pytest.raises(CheckpointError, match=r"vae2llm\.bias: checkpoint \(65,\) vs model \(64,\)"):
+        load_pretrained(checkpoint_copy)
+
+
+def test_corrupt_safetensors_is_named(checkpoint_copy):
+    (checkpoint_copy / "ema.safetensors").write_bytes(b"\x05\x00")
+    with pytest.raises(ValueError, match="ema.safetensors: not a safetensors file"):
+        load_pretrained(checkpoint_copy)
+
+
+def test_save_then_load_round_trips_every_tensor(tmp_path):
+    original = load_pretrained(FIXTURE_DIR)
+    save_pretrained(tmp_path / "saved", original.model, original.autoencoder, original.tokenizer)
+    names = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    for required in ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors", "tokenizer.json"):
+        assert required in names
+    # The official files keep their conventions: the ViT file counts the dropped last layer.
+    assert read_json(tmp_path / "saved" / "vit_config.json")["num_hidden_layers"] == 3
+    reloaded = load_pretrained(tmp_path / "saved")
+    assert reloaded.config == original.config
+    for a, b in ((original.model, reloaded.model), (original.autoencoder, reloaded.autoencoder)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    ids = original.tokenizer.encode("three red apples", add_special_tokens=False)
+    assert reloaded.tokenizer.encode("three red apples", add_special_tokens=False) == ids
+
+
+def test_bf16_load_casts_weights():
+    pretrained = load_pretrained(FIXTURE_DIR, dtype=torch.bfloat16)
+    assert {p.dtype for p in pretrained.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pretrained.autoencoder.parameters()} == {torch.bfloat16}
+
+
+def test_vit_tokens_enter_the_llm_like_the_reference():
+    components, _ = load_golden("components")
+    turn2, _ = load_golden("irg_turn2")
+    model = load_pretrained(FIXTURE_DIR).model
+    with torch.no_grad():
+        embeds = model.embed_vit(turn2["vit_patches"], turn2["vit_position_ids"], [16])
+    torch.testing.assert_close(embeds, components["vit_llm_embeds"], atol=1e-4, rtol=0)
