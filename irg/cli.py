@@ -1,0 +1,102 @@
+"""``irg`` command line: ``irg generate`` runs the IRG generator and writes one PNG per round."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``1024`` or ``WIDTHxHEIGHT`` -> (width, height)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be N or WIDTHxHEIGHT, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise argparse.ArgumentTypeError(f"size must be N or WIDTHxHEIGHT, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="irg", description="Interleaving Reasoning Generation")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="think, draw, reflect and draw again for one prompt")
+    gen.add_argument("--model", required=True, help="checkpoint folder or s3:// URI in the official BAGEL layout")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--out", required=True, type=Path, help="output folder (round PNGs + trace.json)")
+    gen.add_argument("--size", type=parse_size, default=(1024, 1024), help="N or WIDTHxHEIGHT, multiples of 16")
+    gen.add_argument("--steps", type=int, default=50, help="flow timesteps per image (>= 2)")
+    gen.add_argument("--rounds", type=int, default=2, help="images to draw; round 2+ follow a reflection")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    gen.add_argument("--max-think-tokens", type=int, default=1024)
+    gen.add_argument("--think-temperature", type=float, default=0.3)
+    gen.set_defaults(func=generate)
+    return parser
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from irg.pipeline import IRGPipeline, resolve_device
+
+    width, height = args.size
+    device = resolve_device(args.device)  # fail before loading anything
+    pipe = IRGPipeline.from_pretrained(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+    bar = tqdm(total=args.rounds * (args.steps - 1), unit="step", desc="round 1: thinking")
+
+    def on_event(event):
+        if event.kind == "think_token":
+            bar.set_description(f"round {event.round + 1}: thinking ({len(event.text)} chars)", refresh=False)
+        elif event.kind == "step":
+            bar.set_description(f"round {event.round + 1}: drawing", refresh=False)
+            bar.update(1)
+        elif event.kind == "think_done":
+            preview = event.text if len(event.text) <= 200 else event.text[:200] + "..."
+            bar.write(f"round {event.round + 1} think: {preview!r}")
+
+    out = pipe(args.prompt, height=height, width=width, num_steps=args.steps, rounds=args.rounds, seed=args.seed,
+               max_think_tokens=args.max_think_tokens, think_temperature=args.think_temperature, callback=on_event)
+    bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for r, image in enumerate(out.images):
+        path = args.out / f"round{r + 1}.png"
+        image.save(path)
+        files.append(path.name)
+    trace = {
+        "prompt": args.prompt,
+        "model": str(args.model),
+        "settings": {"width": width, "height": height, "steps": args.steps, "rounds": args.rounds, "seed": out.seed,
+                     "device": str(device), "dtype": args.dtype, "max_think_tokens": args.max_think_tokens,
+                     "think_temperature": args.think_temperature},
+        "texts": out.texts,
+        "images": files,
+        "timings_s": out.timings,
+    }
+    (args.out / "trace.json").write_text(json.dumps(trace, indent=2))
+    print(f"wrote {', '.join(files)} and trace.json to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"irg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

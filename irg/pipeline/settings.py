@@ -1,0 +1,53 @@
+"""Per-round sampler settings and their defaults (the IRG reference settings)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """How one round's image is sampled: CFG scales and interval, renorm, timestep shift."""
+
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_type: str = "global"
+    cfg_renorm_min: float = 0.0
+    timestep_shift: float = 3.0
+
+    def __post_init__(self):
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval must satisfy 0 <= low <= high <= 1, got {self.cfg_interval}")
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
+        if self.cfg_text_scale < 0 or self.cfg_img_scale < 0:
+            raise ValueError("cfg_text_scale and cfg_img_scale must be >= 0")
+        if not 0.0 <= self.cfg_renorm_min <= 1.0:
+            raise ValueError(f"cfg_renorm_min must be in [0, 1], got {self.cfg_renorm_min}")
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+
+    def with_overrides(self, overrides: dict) -> "RoundSettings":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown round setting(s) {unknown}; known: {sorted(known)}")
+        if "cfg_interval" in overrides:
+            overrides = {**overrides, "cfg_interval": tuple(overrides["cfg_interval"])}
+        return dataclasses.replace(self, **overrides)
+
+
+FIRST_ROUND = RoundSettings()
+"""Round 1: text CFG only, active for t in (0.4, 1], global renorm."""
+
+LATER_ROUNDS = RoundSettings(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+"""Rounds 2+: text CFG 4.0 and image CFG 2.0 at every step, per-token renorm of the text branch."""
+
+
+def default_round_settings(round_index: int) -> RoundSettings:
+    return FIRST_ROUND if round_index == 0 else LATER_ROUNDS
