@@ -125,6 +125,7 @@ class IRGPipeline:
         prompts = [prompt] if single else list(prompt)
         settings = self._validate(prompts, height, width, num_steps, rounds, round_settings, vae_transform,
                                   vit_transform, think_temperature, max_think_tokens, system_prompt)
+        self._validate_noise(init_noise, vae_encode_noise, len(prompts), height, width, rounds, vae_transform)
         thinks = _per_prompt_rounds("think_texts", think_texts, str, single, len(prompts), rounds)
         given_images = _per_prompt_rounds("images", images, Image.Image, single, len(prompts), rounds)
         if seed is None:
@@ -209,6 +210,24 @@ class IRGPipeline:
                 settings.append(base)
         return settings
 
+    def _validate_noise(self, init_noise, vae_encode_noise, batch, height, width, rounds, vae_transform) -> None:
+        unit = self.config.pixels_per_latent_token
+        tokens = (height // unit) * (width // unit)
+        w, h = ImageTransform(*vae_transform).target_size(width, height)
+        latent = (self.config.ae.z_channels, h // self.config.ae.downsample, w // self.config.ae.downsample)
+        for name, values, shapes in (
+            ("init_noise", init_noise, [(tokens, self.config.latent_channels), (batch, tokens, self.config.latent_channels)]),
+            ("vae_encode_noise", vae_encode_noise, [(1, *latent), (batch, *latent)]),
+        ):
+            if values is None:
+                continue
+            if len(values) > rounds:
+                raise ValueError(f"{name}: {len(values)} entries for {rounds} rounds")
+            for r, value in enumerate(values):
+                if value is not None and tuple(torch.as_tensor(value).shape) not in shapes:
+                    raise ValueError(f"{name}[{r}]: expected shape {' or '.join(map(str, shapes))}, "
+                                     f"got {tuple(torch.as_tensor(value).shape)}")
+
     # ------------------------------------------------------------------ text
 
     def _wrap(self, text: str) -> torch.Tensor:
@@ -284,10 +303,7 @@ class IRGPipeline:
         shape = (batch, grid[0] * grid[1], self.config.latent_channels)
         if init_noise is not None and round_index < len(init_noise) and init_noise[round_index] is not None:
             noise = torch.as_tensor(init_noise[round_index], dtype=torch.float32)
-            noise = noise.expand(shape) if noise.dim() == 2 else noise
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"init_noise[{round_index}]: expected shape {shape[1:]} or {shape}, got {tuple(noise.shape)}")
-            return noise.to(self.device)
+            return noise.expand(shape).to(self.device)
         return torch.randn(shape, generator=generator).to(self.device)
 
     def _sample_image(self, conversations, noise, grid, num_steps, settings: RoundSettings, round_index, emit):
