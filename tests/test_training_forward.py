@@ -73,3 +73,16 @@ def test_training_forward_backpropagates_into_both_experts(golden):
     assert layer.mlp_moe_gen.up_proj.weight.grad.abs().sum() > 0
     assert model.vit_model.vision_model.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
     assert model.latent_pos_embed.pos_embed.grad is None  # fixed sin-cos table stays frozen
+
+
+def test_activation_checkpointing_gives_the_same_gradients(golden):
+    tensors, meta = golden
+    batch = golden_batch(tensors, meta)
+    grads = []
+    for checkpointing in (False, True):
+        model = load_pretrained(FIXTURE_DIR).model.train()
+        model.language_model.model.gradient_checkpointing = checkpointing
+        out = model(batch, tensors["padded_latent"], noise=tensors["forward_noise"])
+        (out.ce_per_token.mean() + out.mse_per_element.mean()).backward()
+        grads.append(model.language_model.model.layers[1].self_attn.q_proj_moe_gen.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from irg.model.attention import LayerKV, PackedAttention, attend
 from irg.model.config import LLMConfig
@@ -164,7 +165,7 @@ class MoTTransformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # recompute each layer in backward: memory for compute
 
     def forward(
         self,
@@ -184,7 +185,7 @@ class MoTTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_past = past[i] if past is not None else None
             if self.gradient_checkpointing and self.training:
-                x, present = torch.utils.checkpoint.checkpoint(
+                x, present = checkpoint(
                     layer, x, rope, routing, spec, layer_past, use_reentrant=False
                 )
             else:
