@@ -36,3 +36,43 @@ def _deterministic_threads():
     # The goldens were computed with 2 CPU threads; keep results independent of the host's core count.
     torch.set_num_threads(2)
     yield
+
+
+# --- S3-compatible object storage (SeaweedFS `weed mini` on 127.0.0.1) -----------------------------
+
+S3_ACCESS_KEY = "irg-test-key"
+S3_SECRET_KEY = "irg-test-secret"
+S3_BUCKET = "irg-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One ``weed mini`` for the whole session, on free 127.0.0.1 ports; skipped when ``weed`` is missing."""
+    from s3_server import SeaweedS3, find_weed
+
+    try:
+        find_weed()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS environment pointed at ``s3_server``; yields the server.
+
+    s3fs caches filesystem instances by their options, not by the environment they read credentials
+    from, so the cache is cleared before and after: a test that changes credentials gets a fresh one.
+    """
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 CAUSAL = "causal"  # each query sees the whole cache plus the new tokens up to itself
 FULL = "full"  # each query sees the whole cache plus every new token of its sequence
@@ -83,30 +84,26 @@ def attend(
             ki = torch.cat([past[i].keys, ki])
             vi = torch.cat([past[i].values, vi])
         present.append(LayerKV(ki, vi))
-        attn_mask, is_causal = _sdpa_mask(mask, length, ki.shape[0], q.device)
+        # Grouped-query attention by repeating KV heads: cheap next to the projections, and it keeps
+        # every SDPA backend (flash included) eligible.
+        groups = qi.shape[1] // ki.shape[1]
         out = F.scaled_dot_product_attention(
             qi.transpose(0, 1),
-            ki.transpose(0, 1),
-            vi.transpose(0, 1),
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            enable_gqa=qi.shape[1] != ki.shape[1],
+            ki.repeat_interleave(groups, dim=1).transpose(0, 1),
+            vi.repeat_interleave(groups, dim=1).transpose(0, 1),
+            attn_mask=_sdpa_mask(mask, length, ki.shape[0], q.device),
         )
         outputs.append(out.transpose(0, 1))
     return torch.cat(outputs), present
 
 
-def _sdpa_mask(mask, q_len: int, kv_len: int, device) -> tuple[torch.Tensor | None, bool]:
+def _sdpa_mask(mask, q_len: int, kv_len: int, device):
     if isinstance(mask, torch.Tensor):
-        return mask.to(device), False
+        return mask.to(device)
     if mask == FULL:
-        return None, False
+        return None
     if mask != CAUSAL:
         raise ValueError(f"unknown attention mask {mask!r}")
-    if q_len == kv_len:
-        return None, True
-    # Bottom-right aligned causal mask: query i (of q_len new tokens) sees the cache and new tokens 0..i.
-    offset = kv_len - q_len
-    rows = torch.arange(q_len, device=device)[:, None]
-    cols = torch.arange(kv_len, device=device)[None, :]
-    return cols <= rows + offset, False
+    # Bottom-right aligned: query i of q_len new tokens sees the cache and new tokens 0..i. A CausalBias
+    # lets SDPA use its fused causal kernels instead of a materialised mask.
+    return causal_lower_right(q_len, kv_len)
