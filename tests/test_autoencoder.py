@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURE_DIR, load_golden
 from safetensors.torch import load_file
 
-from conftest import FIXTURE_DIR, load_golden
 from irg.model.autoencoder import AutoEncoder
 from irg.model.config import AEConfig
 

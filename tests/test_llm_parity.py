@@ -61,7 +61,10 @@ def test_system_prompt_prefill_layer_by_layer(pretrained, components):
 def test_greedy_decoding_matches_reference(pretrained):
     model, tokenizer = pretrained.model, pretrained.tokenizer
     golden, meta = load_golden("text_greedy")
-    wrap = lambda text: torch.tensor([1298, *tokenizer.encode(text, add_special_tokens=False), 1299])
+
+    def wrap(text):
+        return torch.tensor([1298, *tokenizer.encode(text, add_special_tokens=False), 1299])
+
     system_ids, prompt_ids = wrap(meta["system_prompt"]), wrap(meta["user_prompt"])
     torch.testing.assert_close(torch.cat([system_ids, prompt_ids]), golden["context_ids"], atol=0, rtol=0)
 

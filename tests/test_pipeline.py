@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXTURE_DIR
+from PIL import Image
 
 from irg.pipeline import IRGPipeline, RoundSettings
 
@@ -40,6 +41,7 @@ def pipe():
         (dict(round_settings=[{}, {}, {}]), "round_settings"),
         (dict(think_texts=["a", "b", "c"]), "think_texts"),
         (dict(images=["not an image"]), "images"),
+        (dict(images=[Image.new("RGB", (48, 32))]), "images: a given image is 48x32, the request 32x32"),
         (dict(init_noise=[torch.zeros(3, 64)]), r"init_noise\[0\]: expected shape"),
         (dict(vae_encode_noise=[torch.zeros(1, 16, 8, 8)]), r"vae_encode_noise\[0\]: expected shape \(1, 16, 4, 4\)"),
     ],
@@ -148,8 +150,6 @@ def test_round_settings_turn_guidance_off(pipe):
 
 
 def test_given_images_skip_sampling(pipe):
-    from PIL import Image
-
     draft = Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8))
     events = []
     out = pipe("a red cube", rounds=2, seed=0, images=[draft], callback=events.append, **SMALL)

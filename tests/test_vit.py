@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURE_DIR, load_golden
 from PIL import Image
 from safetensors.torch import load_file
 
 from irg.model.config import ViTConfig
 from irg.model.vit import MLPConnector, SiglipVisionTower
 from irg.transforms import ImageTransform, patchify_image
-
-from conftest import FIXTURE_DIR, load_golden
 
 
 @pytest.fixture(scope="module")

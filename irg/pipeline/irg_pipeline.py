@@ -10,7 +10,6 @@ All prompts of a batch and all CFG branches run packed in one model forward per 
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from irg.transforms import ImageTransform, patchify_image
 
 VAE_TRANSFORM = (1024, 512, 16)
 VIT_TRANSFORM = (980, 224, 14)
+MAX_CACHED_SYSTEM_PROMPTS = 4
 
 
 @dataclass
@@ -128,6 +128,9 @@ class IRGPipeline:
         self._validate_noise(init_noise, vae_encode_noise, len(prompts), height, width, rounds, vae_transform)
         thinks = _per_prompt_rounds("think_texts", think_texts, str, single, len(prompts), rounds)
         given_images = _per_prompt_rounds("images", images, Image.Image, single, len(prompts), rounds)
+        for img in (img for per_prompt in given_images for img in per_prompt if img is not None):
+            if img.size != (width, height):
+                raise ValueError(f"images: a given image is {img.width}x{img.height}, the request {width}x{height}")
         if seed is None:
             seed = random.randrange(2**63)
         generator = torch.Generator().manual_seed(seed)
@@ -155,7 +158,8 @@ class IRGPipeline:
                 out.timings[f"round{r + 1}_image_s"] = time.perf_counter() - think_done
                 emit(PipelineEvent("image", r, i, image=round_images[i]))
             if r + 1 < rounds:
-                self._append_image(conversations, round_images, r, vae_encode_noise, vae_transform, vit_transform, generator)
+                self._append_image(conversations, round_images, r, vae_encode_noise, vae_transform, vit_transform,
+                                   generator)
         for out in outputs:
             out.timings["total_s"] = time.perf_counter() - start
         emit(PipelineEvent("done", rounds - 1))
@@ -216,7 +220,8 @@ class IRGPipeline:
         w, h = ImageTransform(*vae_transform).target_size(width, height)
         latent = (self.config.ae.z_channels, h // self.config.ae.downsample, w // self.config.ae.downsample)
         for name, values, shapes in (
-            ("init_noise", init_noise, [(tokens, self.config.latent_channels), (batch, tokens, self.config.latent_channels)]),
+            ("init_noise", init_noise, [(tokens, self.config.latent_channels),
+                                        (batch, tokens, self.config.latent_channels)]),
             ("vae_encode_noise", vae_encode_noise, [(1, *latent), (batch, *latent)]),
         ):
             if values is None:
@@ -236,8 +241,10 @@ class IRGPipeline:
         return torch.tensor([self.im_start, *ids, self.im_end], device=self.device)
 
     def _system_cache(self, system_prompt: str) -> KVCache:
-        # The system prompt is the same for every request: prefill it once per pipeline.
+        """The system prompt is nearly always the same: prefill it once per pipeline (a few kept)."""
         if system_prompt not in self._system_caches:
+            if len(self._system_caches) >= MAX_CACHED_SYSTEM_PROMPTS:
+                self._system_caches.pop(next(iter(self._system_caches)))
             (self._system_caches[system_prompt],) = self.model.prefill_text([KVCache()], [self._wrap(system_prompt)])
         return self._system_caches[system_prompt]
 
@@ -279,7 +286,8 @@ class IRGPipeline:
                 c.main = c.text_only = m  # no image yet: both contexts hold the same tokens
             return
         n = len(conversations)
-        caches = self.model.prefill_text([c.main for c in conversations] + [c.text_only for c in conversations], ids * 2)
+        contexts = [c.main for c in conversations] + [c.text_only for c in conversations]
+        caches = self.model.prefill_text(contexts, ids * 2)
         for c, m, t in zip(conversations, caches[:n], caches[n:]):
             c.main, c.text_only = m, t
 
@@ -292,18 +300,18 @@ class IRGPipeline:
         todo = [i for i, img in enumerate(given) if img is None]
         if not todo:
             return images, latents
-        noise = self._initial_noise(init_noise, round_index, len(given), grid, generator)[todo]
+        shape = (len(given), grid[0] * grid[1], self.config.latent_channels)
+        noise = self._noise(init_noise, round_index, shape, generator)[todo]
         sampled = self._sample_image([conversations[i] for i in todo], noise, grid, num_steps, settings,
                                      round_index, emit)
         for i, image, latent in zip(todo, self._decode(sampled, grid), sampled):
             images[i], latents[i] = image, latent.cpu()
         return images, latents
 
-    def _initial_noise(self, init_noise, round_index: int, batch: int, grid, generator) -> torch.Tensor:
-        shape = (batch, grid[0] * grid[1], self.config.latent_channels)
-        if init_noise is not None and round_index < len(init_noise) and init_noise[round_index] is not None:
-            noise = torch.as_tensor(init_noise[round_index], dtype=torch.float32)
-            return noise.expand(shape).to(self.device)
+    def _noise(self, given, round_index: int, shape: tuple[int, ...], generator) -> torch.Tensor:
+        """The caller's noise for this round (validated, broadcast over the batch) or a fresh draw."""
+        if given is not None and round_index < len(given) and given[round_index] is not None:
+            return torch.as_tensor(given[round_index], dtype=torch.float32).expand(shape).to(self.device)
         return torch.randn(shape, generator=generator).to(self.device)
 
     def _sample_image(self, conversations, noise, grid, num_steps, settings: RoundSettings, round_index, emit):
@@ -339,15 +347,11 @@ class IRGPipeline:
     def _append_image(self, conversations, images, round_index, vae_encode_noise, vae_transform, vit_transform,
                       generator) -> None:
         """Feed a round's image back: clean VAE latents (generation expert), then ViT tokens."""
-        patch = self.config.latent_patch_size
-        vae_pixels = torch.stack([ImageTransform(*vae_transform)(img) for img in images]).to(self.device, self.dtype)
-        latent_shape = (len(images), self.config.ae.z_channels, *(s // self.config.ae.downsample for s in vae_pixels.shape[2:]))
-        noise = None
-        if vae_encode_noise is not None and round_index < len(vae_encode_noise) and vae_encode_noise[round_index] is not None:
-            noise = torch.as_tensor(vae_encode_noise[round_index], dtype=torch.float32).expand(latent_shape)
-        else:
-            noise = torch.randn(latent_shape, generator=generator)
-        latent = self.autoencoder.encode(vae_pixels, noise=noise.to(self.device, self.dtype))
+        patch, ae = self.config.latent_patch_size, self.config.ae
+        pixels = torch.stack([ImageTransform(*vae_transform)(img) for img in images]).to(self.device, self.dtype)
+        latent_shape = (len(images), ae.z_channels, pixels.shape[2] // ae.downsample, pixels.shape[3] // ae.downsample)
+        noise = self._noise(vae_encode_noise, round_index, latent_shape, generator)
+        latent = self.autoencoder.encode(pixels, noise=noise.to(self.dtype))
         grid = (latent.shape[2] // patch, latent.shape[3] // patch)
         tokens = [patchify_latent(z, patch) for z in latent]
         positions = latent_position_ids(*grid, self.config.max_latent_size, device=self.device)
