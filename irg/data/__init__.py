@@ -1,0 +1,1 @@
+"""IRGL data: the row format, training samples and packing, synthetic data, the Ray Data pipeline."""
