@@ -24,7 +24,7 @@ import torch
 
 from irg.model import AutoEncoder, Bagel, KVCache, get_config
 from irg.model.embeddings import PositionEmbedding2D
-from irg.model.latents import latent_position_ids
+from irg.model.latents import grid_position_ids
 from irg.pipeline.irg_pipeline import IRGPipeline
 from irg.pipeline.text import next_tokens
 
@@ -202,7 +202,7 @@ def main() -> dict:
 
     grid = args.image_size // unit
     n = grid * grid
-    positions = latent_position_ids(grid, grid, config.max_latent_size, device=device)
+    positions = grid_position_ids(grid, grid, config.max_latent_size, device=device)
     x_t = torch.randn(3, n, config.latent_channels, generator=generator).to(device, dtype)
     t = torch.full((3,), 0.5, device=device)
     result["denoise_pass"] = {"latent_tokens": n, "flops_formula": "L * (2*P_layer*N + 4*N*(C+N)*hidden) per branch",

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from irg.model.latents import grid_position_ids
+
 
 def _make_divisible(value: int, stride: int) -> int:
     return max(stride, int(round(value / stride) * stride))
@@ -50,6 +52,10 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> float32 tensor [3, H, W] in [-1, 1]."""
+        return normalize(self.resize(image))
+
+    def resize(self, image: Image.Image) -> np.ndarray:
+        """PIL image -> resized uint8 array [3, H, W]: 4x smaller than floats to ship between processes."""
         if not isinstance(image, Image.Image):
             raise ValueError(f"expected a PIL image, got {type(image).__name__}")
         try:
@@ -59,8 +65,12 @@ class ImageTransform:
         size = self.target_size(*image.size)
         if size != image.size:
             image = image.resize(size, Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return x.float().div(255).sub(0.5).div(0.5)
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def normalize(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [3, H, W] -> float32 in [-1, 1], as the reference (``/255`` then ``(x - 0.5) / 0.5``)."""
+    return torch.from_numpy(pixels).float().div(255).sub(0.5).div(0.5)
 
 
 def patchify_image(
@@ -72,15 +82,19 @@ def patchify_image(
     Linear form of SigLIP's conv patch embedding; the position id ``r * max_patches_per_side + c``
     indexes the learned table of a ``max_patches_per_side``-wide grid, whatever the image's width.
     """
+    patches = patchify(image, patch_size)
+    rows, cols = image.shape[1] // patch_size, image.shape[2] // patch_size
+    if max(rows, cols) > max_patches_per_side:
+        raise ValueError(f"{rows}x{cols} patches exceed {max_patches_per_side} per side")
+    return patches, grid_position_ids(rows, cols, max_patches_per_side)
+
+
+def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[3, H, W] -> [N, 3*p*p] flattened patches in row-major order (see :func:`patchify_image`)."""
     if image.dim() != 3:
         raise ValueError(f"expected an image [C, H, W], got shape {tuple(image.shape)}")
     c, h, w = image.shape
     p = patch_size
     if h % p or w % p:
         raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-    rows, cols = h // p, w // p
-    if max(rows, cols) > max_patches_per_side:
-        raise ValueError(f"{rows}x{cols} patches exceed {max_patches_per_side} per side")
-    patches = image.reshape(c, rows, p, cols, p).permute(1, 3, 2, 4, 0).reshape(rows * cols, p * p * c)
-    position_ids = (torch.arange(rows)[:, None] * max_patches_per_side + torch.arange(cols)).flatten()
-    return patches, position_ids
+    return image.reshape(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0).reshape(-1, p * p * c)

@@ -87,7 +87,7 @@ def test_two_rounds_end_to_end_reproduce_both_turns(pipe):
 def test_turn2_contexts_have_the_reference_kv_layout(pipe):
     """Build the turn-2 contexts from the model primitives: caches, lengths and positions as recorded."""
     from irg.model import KVCache
-    from irg.model.latents import latent_position_ids, patchify_latent
+    from irg.model.latents import grid_position_ids, patchify_latent
 
     golden, meta = load_golden("irg_turn2")
     model = pipe.model
@@ -96,7 +96,7 @@ def test_turn2_contexts_have_the_reference_kv_layout(pipe):
     (main,) = model.prefill_text([main], [pipe._wrap(CASE["think1"])])
     text_only = main
     tokens = patchify_latent(golden["vae_encoded_latent"][0], 2)
-    torch.testing.assert_close(latent_position_ids(4, 4, 64), golden["vae_latent_position_ids"], atol=0, rtol=0)
+    torch.testing.assert_close(grid_position_ids(4, 4, 64), golden["vae_latent_position_ids"], atol=0, rtol=0)
     (main,) = model.prefill_vae_image([main], [tokens], [golden["vae_latent_position_ids"]])
     (main,) = model.prefill_vit_image([main], [golden["vit_patches"]], [golden["vit_position_ids"]])
     assert (main.length, main.position) == (meta["cfg_text_kv_len"], meta["cfg_text_generation_rope"])

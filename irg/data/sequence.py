@@ -22,7 +22,8 @@ import torch
 
 from irg.data.format import ImagePart, Part, TextPart
 from irg.model import PackedBatch
-from irg.transforms import ImageTransform, patchify_image
+from irg.model.latents import grid_position_ids
+from irg.transforms import ImageTransform, normalize, patchify
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class TextItem:
 
 @dataclass
 class VitItem:
-    patches: np.ndarray  # [n, 3·p·p] float32
+    pixels: np.ndarray  # [3, H, W] uint8, resized; patchified when packed
     position_ids: np.ndarray  # [n] int64 into the ViT position table
 
     @property
@@ -78,14 +79,14 @@ class VitItem:
 
 @dataclass
 class VaeItem:
-    image: np.ndarray  # [3, H, W] float32 in [-1, 1]; the autoencoder runs on the training worker
+    pixels: np.ndarray  # [3, H, W] uint8, resized; the autoencoder runs on the training worker
     position_ids: np.ndarray  # [h·w] int64 into the latent position table
     loss: bool  # a noised generation target (else a clean condition)
     raw_timestep: float  # N(0, 1) draw for targets (shifted in the model), -inf for clean images
 
     @property
     def grid(self) -> tuple[int, int]:
-        return self.image.shape[1] // VAE_STRIDE, self.image.shape[2] // VAE_STRIDE
+        return self.pixels.shape[1] // VAE_STRIDE, self.pixels.shape[2] // VAE_STRIDE
 
     @property
     def num_tokens(self) -> int:
@@ -135,28 +136,29 @@ def build_sample(parts: list[Part], tokenizer, config: DataConfig, rng: np.rando
             if rng.random() < config.vit_cond_dropout:
                 sample.items.append(DroppedCondition())
             else:
-                patches, position_ids = patchify_image(vit_transform(part.image), vit_transform.stride,
-                                                       config.vit_max_patches_per_side)
-                sample.items.append(VitItem(patches.numpy(), position_ids.numpy()))
+                pixels = vit_transform.resize(part.image)
+                rows, cols = pixels.shape[1] // vit_transform.stride, pixels.shape[2] // vit_transform.stride
+                if max(rows, cols) > config.vit_max_patches_per_side:
+                    raise ValueError(f"{rows}x{cols} ViT patches exceed {config.vit_max_patches_per_side} per side")
+                position_ids = grid_position_ids(rows, cols, config.vit_max_patches_per_side).numpy()
+                sample.items.append(VitItem(pixels, position_ids))
     return sample
 
 
 def _vae_item(part: ImagePart, transform: ImageTransform, config: DataConfig, raw_timestep: float) -> VaeItem:
-    image = transform(part.image)
-    h, w = image.shape[1] // VAE_STRIDE, image.shape[2] // VAE_STRIDE
+    pixels = transform.resize(part.image)
+    h, w = pixels.shape[1] // VAE_STRIDE, pixels.shape[2] // VAE_STRIDE
     if max(h, w) > config.max_latent_size:
-        raise ValueError(f"image of {image.shape[2]}x{image.shape[1]} exceeds the latent grid "
+        raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} exceeds the latent grid "
                          f"({config.max_latent_size * VAE_STRIDE} px per side)")
-    rows = np.arange(h, dtype=np.int64)[:, None] * config.max_latent_size
-    position_ids = (rows + np.arange(w, dtype=np.int64)[None, :]).reshape(-1)
-    return VaeItem(image.numpy(), position_ids, part.loss, raw_timestep)
+    return VaeItem(pixels, grid_position_ids(h, w, config.max_latent_size).numpy(), part.loss, raw_timestep)
 
 
-def pack(samples: list[Sample], special: SpecialTokens) -> PackedBatch:
+def pack(samples: list[Sample], special: SpecialTokens, vit_patch_size: int = 14) -> PackedBatch:
     """Concatenate samples into one packed batch with per-sample attention masks."""
     b = _PackedLists()
     for sample in samples:
-        _pack_one(sample, special, b)
+        _pack_one(sample, special, vit_patch_size, b)
     return b.to_batch()
 
 
@@ -203,7 +205,7 @@ class _PackedLists:
             batch.packed_timesteps = torch.tensor(self.timesteps, dtype=torch.float32)
             batch.mse_loss_indexes = long(self.mse_indexes)
         if self.vit_tokens:
-            batch.packed_vit_tokens = torch.from_numpy(np.concatenate(self.vit_tokens))
+            batch.packed_vit_tokens = torch.cat(self.vit_tokens)
             batch.packed_vit_position_ids = torch.from_numpy(np.concatenate(self.vit_position_ids))
             batch.packed_vit_token_indexes = long(self.vit_indexes)
             batch.vit_token_seqlens = long(self.vit_seqlens)
@@ -214,7 +216,7 @@ class _PackedLists:
         return batch
 
 
-def _pack_one(sample: Sample, special: SpecialTokens, b: _PackedLists) -> None:
+def _pack_one(sample: Sample, special: SpecialTokens, vit_patch_size: int, b: _PackedLists) -> None:
     start, rope = b.curr, 0
     splits: list[tuple[int, str]] = []  # (length, attention mode) of each span of the sample
     for item in sample.items:
@@ -239,13 +241,13 @@ def _pack_one(sample: Sample, special: SpecialTokens, b: _PackedLists) -> None:
             b.position_ids.extend([rope] * length)
             if isinstance(item, VitItem):
                 b.vit_indexes.extend(range(b.curr + 1, b.curr + 1 + n))
-                b.vit_tokens.append(item.patches)
+                b.vit_tokens.append(patchify(normalize(item.pixels), vit_patch_size))
                 b.vit_position_ids.append(item.position_ids)
                 b.vit_seqlens.append(n)
                 rope += 1
                 splits.append((length, "full"))
             else:
-                b.vae_images.append(item.image)
+                b.vae_images.append(normalize(item.pixels))
                 b.vae_grids.append(item.grid)
                 b.latent_position_ids.append(item.position_ids)
                 b.vae_indexes.extend(range(b.curr + 1, b.curr + 1 + n))
@@ -286,10 +288,10 @@ def attention_mask(splits: list[tuple[int, str]]) -> torch.Tensor:
     return mask
 
 
-def _pad_images(images: list[np.ndarray]) -> torch.Tensor:
+def _pad_images(images: list[torch.Tensor]) -> torch.Tensor:
     height = max(img.shape[1] for img in images)
     width = max(img.shape[2] for img in images)
     padded = torch.zeros(len(images), 3, height, width)
     for i, img in enumerate(images):
-        padded[i, :, : img.shape[1], : img.shape[2]] = torch.from_numpy(img)
+        padded[i, :, : img.shape[1], : img.shape[2]] = img
     return padded

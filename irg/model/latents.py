@@ -20,9 +20,10 @@ def unpatchify_latent(tokens: torch.Tensor, h: int, w: int, patch: int) -> torch
     return x.reshape(c, h * patch, w * patch)
 
 
-def latent_position_ids(h: int, w: int, max_latent_size: int, device=None) -> torch.Tensor:
-    """Index into the latent position table: ``row * max_latent_size + col`` for an h x w token grid."""
-    rows = torch.arange(h, device=device)[:, None] * max_latent_size
+def grid_position_ids(h: int, w: int, max_per_side: int, device=None) -> torch.Tensor:
+    """Index into a position table laid out on a fixed ``max_per_side`` grid: ``row * max_per_side + col``
+    for an h x w grid of tokens (latent tokens or ViT patches), whatever the image's own width."""
+    rows = torch.arange(h, device=device)[:, None] * max_per_side
     return (rows + torch.arange(w, device=device)[None, :]).reshape(-1)
 
 

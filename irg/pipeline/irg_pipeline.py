@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from irg.model import KVCache, load_pretrained
-from irg.model.latents import latent_position_ids, patchify_latent, unpatchify_latent
+from irg.model.latents import grid_position_ids, patchify_latent, unpatchify_latent
 from irg.pipeline.events import PipelineEvent
 from irg.pipeline.flow import StepResult, sample_flow
 from irg.pipeline.prompts import SYSTEM_PROMPT
@@ -316,7 +316,7 @@ class IRGPipeline:
 
     def _sample_image(self, conversations, noise, grid, num_steps, settings: RoundSettings, round_index, emit):
         """Denoise the round's latents with all CFG branches of all prompts packed per forward."""
-        position_ids = latent_position_ids(*grid, self.config.max_latent_size, device=self.device)
+        position_ids = grid_position_ids(*grid, self.config.max_latent_size, device=self.device)
         batch = len(conversations)
 
         def velocity(x, t, need_text, need_img):
@@ -354,7 +354,7 @@ class IRGPipeline:
         latent = self.autoencoder.encode(pixels, noise=noise.to(self.dtype))
         grid = (latent.shape[2] // patch, latent.shape[3] // patch)
         tokens = [patchify_latent(z, patch) for z in latent]
-        positions = latent_position_ids(*grid, self.config.max_latent_size, device=self.device)
+        positions = grid_position_ids(*grid, self.config.max_latent_size, device=self.device)
         mains = self.model.prefill_vae_image([c.main for c in conversations], tokens, [positions] * len(tokens))
 
         vit_patches, vit_positions = [], []
