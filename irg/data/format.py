@@ -37,11 +37,12 @@ MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard: far above any t
 
 
 class RowError(ValueError):
-    """A row that does not follow the IRGL format; ``field`` says where (e.g. ``conversation[2].content[1]``)."""
+    """A row that does not follow the IRGL format; ``field`` says where (e.g. ``conversation[2].content[1]``)
+    and ``kind`` what sort of problem it is (``malformed_json``, ``bad_image`` or ``invalid_format``)."""
 
-    def __init__(self, field: str, reason: str):
+    def __init__(self, field: str, reason: str, kind: str = "invalid_format"):
         super().__init__(f"{field}: {reason}")
-        self.field, self.reason = field, reason
+        self.field, self.reason, self.kind = field, reason, kind
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def parse_conversation(raw: str | bytes) -> list[Part]:
     try:
         turns = json.loads(raw)
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
-        raise RowError("conversation", f"not valid JSON ({e})") from None
+        raise RowError("conversation", f"not valid JSON ({e})", "malformed_json") from None
     if not isinstance(turns, list) or not turns:
         raise RowError("conversation", "must be a non-empty JSON list of turns")
     parts: list[Part] = []
@@ -116,19 +117,19 @@ def _flag(obj: dict, name: str, default: bool, where: str) -> bool:
 def decode_image(content, where: str) -> Image.Image:
     """base64 string -> RGB PIL image, fully decoded (so a truncated file fails here, not later)."""
     if not isinstance(content, str) or not content:
-        raise RowError(where, "an image part needs base64 image content")
+        raise RowError(where, "an image part needs base64 image content", "bad_image")
     try:
         data = base64.b64decode(content, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise RowError(where, f"not valid base64 ({e})") from None
+        raise RowError(where, f"not valid base64 ({e})", "bad_image") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise RowError(where, f"image of {image.width}x{image.height} pixels is too large")
+                raise RowError(where, f"image of {image.width}x{image.height} pixels is too large", "bad_image")
             image.load()
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise RowError(where, f"not a readable image ({e})") from None
+        raise RowError(where, f"not a readable image ({e})", "bad_image") from None
 
 
 def encode_image(image: Image.Image) -> str:

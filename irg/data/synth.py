@@ -1,0 +1,424 @@
+"""A procedural "shapes world" that writes synthetic IRGL data for all six learning modes.
+
+A :class:`Scene` (coloured shapes with counts and an optional spatial relation, in the six GenEval
+categories) drives everything: the prompt, the planning think, the rendered image, a deliberately
+flawed first image with a reflection that names its flaws, and the corrected image. :func:`measure`
+reads the shapes back from an image, so a model trained on this world can be scored with no external
+detector (:func:`geneval_metadata` gives the same scene as a GenEval ``include``/``exclude`` record).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from tqdm import tqdm
+
+from irg.data.format import MODES, ImagePart, Part, TextPart, conversation_json
+from irg.pipeline.prompts import SYSTEM_PROMPT
+from irg.storage import join, open_file
+
+SHAPES = ("circle", "square", "triangle")
+PALETTE = {  # far apart in RGB and from the background, so nearest-colour reading is unambiguous
+    "red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 80, 230), "yellow": (250, 215, 0),
+    "purple": (140, 50, 180), "orange": (255, 128, 0), "black": (25, 25, 25),
+}
+BACKGROUND = (238, 238, 232)
+BACKGROUND_NAME = "plain light grey background"
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+COLOR_NAMED = ("counting", "colors", "position", "color_attr")  # categories whose prompts name colours
+RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+RELATION_PROSE = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+GRID = 3  # each object gets its own cell of a GRID x GRID grid: no overlaps, at most 9 objects
+MARGIN = 0.05  # of the canvas on each side, so no shape touches the border
+MAX_COUNT = 4  # counting prompts ask for 2..MAX_COUNT objects, as GenEval does
+FLAW_KINDS = {  # per category, the flaws that make an image fail it (GenEval counts are minimums, except counting)
+    "single_object": ("shape",), "two_object": ("missing", "shape"), "counting": ("count",),
+    "colors": ("color",), "position": ("relation", "missing"), "color_attr": ("color", "missing"),
+}
+FLAW_TITLES = {"count": "Count", "color": "Colour", "shape": "Shape", "missing": "Missing object",
+               "relation": "Position"}
+REGIONS = (("at the top left", "at the top", "at the top right"),
+           ("on the left", "in the centre", "on the right"),
+           ("at the bottom left", "at the bottom", "at the bottom right"))
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """A group of ``count`` identical shapes."""
+    shape: str
+    color: str
+    count: int = 1
+
+    def phrase(self, with_color: bool = True) -> str:
+        """"a red circle", "three circles"."""
+        words = ([self.color] if with_color else []) + [self.shape + ("s" if self.count > 1 else "")]
+        if self.count > 1:
+            return " ".join([NUMBERS[self.count], *words])
+        return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+
+    @property
+    def name(self) -> str:
+        """How texts refer back to the group: "the red circle(s)"."""
+        return f"the {self.color} {self.shape}" + ("s" if self.count > 1 else "")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What an image should show; ``relation`` says where ``objects[0]`` is relative to ``objects[1]``."""
+    category: str
+    objects: tuple[ObjectSpec, ...]
+    relation: str | None = None
+
+    def __post_init__(self):
+        if self.category not in CATEGORIES:
+            raise ValueError(f"category: unknown {self.category!r}, expected one of {CATEGORIES}")
+        for obj in self.objects:
+            if obj.shape not in SHAPES or obj.color not in PALETTE or obj.count < 1:
+                raise ValueError(f"objects: invalid {obj}")
+        if sum(obj.count for obj in self.objects) > GRID * GRID:
+            raise ValueError(f"objects: more than {GRID * GRID} shapes do not fit the grid")
+        if self.relation is not None and (self.relation not in RELATIONS or len(self.objects) != 2
+                                          or any(obj.count != 1 for obj in self.objects)):
+            raise ValueError(f"relation: {self.relation!r} needs a known relation between two single objects")
+
+
+@dataclass(frozen=True)
+class Flaw:
+    """One way a first image misses its prompt; the reflection quotes these texts."""
+    kind: str  # count | color | shape | missing | relation
+    description: str  # what is wrong: "there are two red circles instead of three"
+    requirement: str  # what the prompt asks for
+    fix: str  # an imperative edit that repairs it
+
+    def __str__(self) -> str:
+        return self.description
+
+
+@dataclass(frozen=True)
+class Placed:
+    """One drawn shape: centre and extent in pixels, ``region`` in words for the texts."""
+    shape: str
+    color: str
+    center: tuple[float, float]
+    size: float
+    region: str
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A shape read back from an image by :func:`measure`; ``box`` is (x0, y0, x1, y1), exclusive."""
+    shape: str
+    color: str
+    box: tuple[int, int, int, int]
+    area: int
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+def sample_scene(rng: random.Random, category: str | None = None) -> Scene:
+    """A random scene of ``category`` (uniform over :data:`CATEGORIES` when None)."""
+    category = rng.choice(CATEGORIES) if category is None else category
+    if category not in CATEGORIES:
+        raise ValueError(f"category: unknown {category!r}, expected one of {CATEGORIES}")
+    shapes, colors = rng.sample(SHAPES, 2), rng.sample(sorted(PALETTE), 2)
+    if category in ("single_object", "colors", "counting"):
+        count = rng.randint(2, MAX_COUNT) if category == "counting" else 1
+        return Scene(category, (ObjectSpec(shapes[0], colors[0], count),))
+    relation = rng.choice(sorted(RELATIONS)) if category == "position" else None
+    return Scene(category, tuple(ObjectSpec(s, c) for s, c in zip(shapes, colors)), relation)
+
+
+def scene_prompt(scene: Scene) -> str:
+    """GenEval-style prompt: "a photo of three red circles", "a photo of a blue square to the left of ..."."""
+    a, *rest = [_as_prompted(scene, obj) for obj in scene.objects]
+    if scene.relation:
+        return f"a photo of {a} {RELATION_PROSE[scene.relation]} {rest[0]}"
+    return "a photo of " + " and ".join([a, *rest])
+
+
+def geneval_metadata(scene: Scene) -> dict:
+    """The scene as a GenEval record (``tag``, ``include``, ``exclude``, ``prompt``), shapes as classes."""
+    named = scene.category in COLOR_NAMED
+    include = [{"class": o.shape, "count": o.count, **({"color": o.color} if named else {})} for o in scene.objects]
+    if scene.relation:  # GenEval states the relation of include[1] to include[0]
+        include = [include[1], {**include[0], "position": [scene.relation, 0]}]
+    record = {"tag": scene.category, "include": include, "prompt": scene_prompt(scene)}
+    if scene.category == "counting":
+        record["exclude"] = [{"class": o.shape, "count": o.count + 1} for o in scene.objects]
+    return record
+
+
+def layout(scene: Scene, size: int, rng: random.Random) -> list[Placed]:
+    """Place every shape in its own grid cell. The random draws do not depend on the scene's content,
+    so a flawed scene laid out with an equally seeded ``rng`` keeps the untouched shapes in place."""
+    margin = MARGIN * size
+    cell = (size - 2 * margin) / GRID
+    order = rng.sample(range(GRID * GRID), GRID * GRID)
+    shape_params = [(rng.uniform(0.5, 0.7), rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in order]
+    pair = rng.choice(_relation_pairs(scene.relation)) if scene.relation else None
+    if pair:  # the relation's "first" cell goes to objects[0] for left of/above, so a swap mirrors it
+        cells = list(pair) if scene.relation in ("left of", "above") else [pair[1], pair[0]]
+    else:
+        cells = order
+    kinds = [(obj.shape, obj.color) for obj in scene.objects for _ in range(obj.count)]
+    placed = []
+    for (shape, color), index in zip(kinds, cells):
+        frac, jx, jy = shape_params[index]
+        row, col = divmod(index, GRID)
+        slack = (1 - frac) * cell / 4  # at most half the free margin: shapes stay well inside their cell
+        center = (margin + (col + 0.5) * cell + jx * slack, margin + (row + 0.5) * cell + jy * slack)
+        placed.append(Placed(shape, color, center, frac * cell, REGIONS[row][col]))
+    return placed
+
+
+def _relation_pairs(relation: str) -> list[tuple[int, int]]:
+    """Cell pairs (a, b) with b further along the relation's axis than off it, so GenEval's
+    position rule reads the intended relation unambiguously."""
+    axis = 1 if relation in ("left of", "right of") else 0  # index into (row, col)
+    pairs = []
+    for a in range(GRID * GRID):
+        for b in range(GRID * GRID):
+            ra, rb = divmod(a, GRID), divmod(b, GRID)
+            if rb[axis] - ra[axis] > abs(rb[1 - axis] - ra[1 - axis]):
+                pairs.append((a, b))
+    return pairs
+
+
+def draw(placed: list[Placed], size: int) -> Image.Image:
+    """Flat, aliased shapes (exact palette colours) on the plain background."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    canvas = ImageDraw.Draw(image)
+    for p in placed:
+        (cx, cy), half = p.center, p.size / 2
+        box = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
+        fill = PALETTE[p.color]
+        if p.shape == "circle":
+            canvas.ellipse(box, fill=fill)
+        elif p.shape == "square":
+            canvas.rectangle(box, fill=fill)
+        else:
+            canvas.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    return image
+
+
+def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
+    return draw(layout(scene, size, rng), size)
+
+
+def measure(image: Image.Image, min_area: float = 0.004) -> list[Detection]:
+    """Read the shapes back: nearest-palette pixel classes, connected components per colour (smaller
+    than ``min_area`` of the image: noise), shape from how much of its bounding box a blob fills
+    (square ~1, circle ~pi/4, triangle ~1/2)."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int32)
+    references = np.array([BACKGROUND, *PALETTE.values()], dtype=np.int32)
+    nearest = ((rgb[:, :, None, :] - references) ** 2).sum(-1).argmin(-1)
+    smallest = min_area * rgb.shape[0] * rgb.shape[1]
+    found = []
+    for k, color in enumerate(PALETTE, start=1):
+        labels, _ = ndimage.label(nearest == k)
+        for label, region in enumerate(ndimage.find_objects(labels), start=1):
+            area = int((labels[region] == label).sum())
+            if area < smallest:
+                continue
+            ys, xs = region
+            fill = area / ((ys.stop - ys.start) * (xs.stop - xs.start))
+            shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+            found.append(Detection(shape, color, (xs.start, ys.start, xs.stop, ys.stop), area))
+    return sorted(found, key=lambda d: (d.box[1], d.box[0]))
+
+
+def flaw(scene: Scene, rng: random.Random) -> tuple[Scene, list[Flaw]]:
+    """A deliberately wrong version of ``scene`` that fails its category, and what is wrong with it."""
+    kind = rng.choice(FLAW_KINDS[scene.category])
+    return _FLAW_MAKERS[kind](scene, rng.randrange(len(scene.objects)), rng)
+
+
+def _missing(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[Flaw]]:
+    gone, rest = scene.objects[g], scene.objects[1 - g]
+    where = (f" {RELATION_PROSE[scene.relation if g == 0 else RELATIONS[scene.relation]]} {rest.name}"
+             if scene.relation else " in an empty area, clearly apart from the other shape")
+    return replace(scene, objects=(rest,), relation=None), [
+        Flaw("missing", f"{gone.name} is missing", _as_prompted(scene, gone), f"add {gone.phrase()}{where}")]
+
+
+def _swapped_relation(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[Flaw]]:
+    a, b = (obj.name for obj in scene.objects)
+    wanted, actual = RELATION_PROSE[scene.relation], RELATION_PROSE[RELATIONS[scene.relation]]
+    return replace(scene, relation=RELATIONS[scene.relation]), [
+        Flaw("relation", f"{a} is {actual} {b} instead of {wanted} it", f"{a} {wanted} {b}",
+             f"swap the two shapes so that {a} sits {wanted} {b}")]
+
+
+def _wrong_count(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[Flaw]]:
+    c = scene.objects[g]
+    n = rng.choice([k for k in range(1, MAX_COUNT + 2) if k != c.count])
+    diff, shapes = c.count - n, f"{c.color} {c.shape}"
+    shown = f"{'only ' * (diff > 0)}{NUMBERS[n]} {shapes}{'s' * (n > 1)}"
+    fix = (f"add {NUMBERS[diff]} more {shapes}{'s' * (diff > 1)} in the empty space" if diff > 0 else
+           f"remove {NUMBERS[-diff]} of the {shapes}s")
+    return _replaced(scene, g, replace(c, count=n)), [
+        Flaw("count", f"there {'is' if n == 1 else 'are'} {shown} instead of {NUMBERS[c.count]}",
+             f"exactly {c.phrase()}", f"{fix}, so that there are exactly {NUMBERS[c.count]}")]
+
+
+def _wrong_shape(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[Flaw]]:
+    c = scene.objects[g]
+    drawn = replace(c, shape=rng.choice([s for s in SHAPES if s not in {obj.shape for obj in scene.objects}]))
+    wanted = _as_prompted(scene, c)
+    return _replaced(scene, g, drawn), [
+        Flaw("shape", f"it shows {drawn.phrase()} instead of {wanted}", wanted,
+             f"replace {drawn.name} with {c.phrase()} of the same size in the same place")]
+
+
+def _wrong_color(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[Flaw]]:
+    """Two groups get their colours swapped (the binding error color_attr tests), a single one a new colour."""
+    objs = scene.objects
+    if len(objs) == 2:
+        drawn = (replace(objs[0], color=objs[1].color), replace(objs[1], color=objs[0].color))
+    else:
+        drawn = (replace(objs[0], color=rng.choice([k for k in sorted(PALETTE) if k != objs[0].color])),)
+    return replace(scene, objects=drawn), [
+        Flaw("color", f"the {o.shape} is {d.color} instead of {o.color}", o.phrase(),
+             f"recolour the {o.shape} solid {o.color}, keeping its size and place") for o, d in zip(objs, drawn)]
+
+
+def _as_prompted(scene: Scene, obj: ObjectSpec) -> str:
+    return obj.phrase(scene.category in COLOR_NAMED)
+
+
+def _replaced(scene: Scene, g: int, obj: ObjectSpec) -> Scene:
+    return replace(scene, objects=scene.objects[:g] + (obj,) + scene.objects[g + 1:])
+
+
+_FLAW_MAKERS = {"missing": _missing, "relation": _swapped_relation, "count": _wrong_count, "shape": _wrong_shape,
+                "color": _wrong_color}
+
+
+def think_text(scene: Scene, placed: list[Placed]) -> str:
+    """Think 1: plan the objects, colours, counts and placement of the correct image."""
+    text = (f"<think> The prompt asks for {scene_prompt(scene).removeprefix('a photo of ')}. "
+            f"I will draw {placement_text(placed)}.")
+    if scene.relation:
+        a, b = scene.objects
+        text += f" That way {a.name} is clearly {RELATION_PROSE[scene.relation]} {b.name}."
+    return text + (f" Every shape is flat and solid with crisp edges on a {BACKGROUND_NAME}, with clear space "
+                   "around it, so each one is easy to see, count and tell apart. </think>")
+
+
+def placement_text(placed: list[Placed]) -> str:
+    """"two red circles, one at the top and one in the centre and a blue square on the left"."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in placed:
+        groups.setdefault((p.shape, p.color), []).append(p.region)
+    spots = [f"{ObjectSpec(shape, color, len(regions)).phrase()} {regions[0]}" if len(regions) == 1 else
+             f"{ObjectSpec(shape, color, len(regions)).phrase()}, " + _and_join([f"one {r}" for r in regions])
+             for (shape, color), regions in groups.items()]
+    return _and_join(spots)
+
+
+def _and_join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def reflection_text(scene: Scene, placed: list[Placed], flaws: list[Flaw]) -> str:
+    """Think 2 in the four-part structure the IRG system prompt asks for."""
+    problems = "; ".join(f.description for f in flaws)
+    steps = [f"Keep the {BACKGROUND_NAME} and the flat, crisp style of the previous image.",
+             *(f.fix[0].upper() + f.fix[1:] + "." for f in flaws),
+             "Check that no shapes touch or overlap and that every shape is a single solid colour."]
+    return (f"<think> The previous image does not yet match the prompt \"{scene_prompt(scene)}\": {problems}. "
+            "The background, the flat colours and the crisp edges are fine and should be kept.\n\n"
+            "### Detailed Explanation of Required Improvements:\n"
+            + "".join(f"- {FLAW_TITLES[f.kind]}: the prompt requires {f.requirement}, but {f.description}.\n"
+                      for f in flaws) + "\n"
+            "### Step-by-Step Modification Guidance:\n"
+            + "".join(f"{i}. {s}\n" for i, s in enumerate(steps, start=1)) + "\n"
+            "### Final Comprehensive Prompt for the Improved Image:\n"
+            f"On a {BACKGROUND_NAME}: {placement_text(placed)}. "
+            "Flat solid colours, crisp edges, clearly separated shapes. </think>")
+
+
+@dataclass(frozen=True)
+class Example:
+    """Everything the six modes draw from for one prompt."""
+    prompt: str
+    think: str
+    correct: Image.Image
+    flawed: Image.Image
+    reflection: str
+
+
+def make_example(rng: random.Random, image_size: int) -> Example:
+    scene = sample_scene(rng)
+    flawed_scene, flaws = flaw(scene, rng)
+    layout_seed = rng.getrandbits(64)  # shared, so the flawed image differs from the correct one only by its flaws
+    placed = layout(scene, image_size, random.Random(layout_seed))
+    return Example(scene_prompt(scene), think_text(scene, placed), draw(placed, image_size),
+                   render(flawed_scene, image_size, random.Random(layout_seed)), reflection_text(scene, placed, flaws))
+
+
+def mode_parts(mode: str, ex: Example) -> list[Part]:
+    """The assistant parts of one row of ``mode`` (see MISSION.md, "six learning modes")."""
+    think, reflect = TextPart(ex.think, False), TextPart(ex.reflection, True)
+    flawed = ImagePart(ex.flawed, loss=False, vae=True, vit=True)
+    if mode == "initial_thinking_understanding_learning":
+        return [ImagePart(ex.correct, loss=False, vae=False, vit=True), TextPart(ex.think, True)]
+    if mode == "initial_thinking_generation_learning":
+        return [TextPart(ex.think, True)]
+    if mode == "initial_full_learning":
+        return [TextPart(ex.think, True), ImagePart(ex.correct, loss=True, vae=False, vit=False)]
+    if mode == "improving_thinking_understanding_learning":
+        return [think, flawed, ImagePart(ex.correct, loss=False, vae=False, vit=True), reflect]
+    if mode == "improving_thinking_generation_learning":
+        return [think, flawed, reflect]
+    if mode == "improving_full_learning":
+        return [think, flawed, reflect, ImagePart(ex.correct, loss=True, vae=False, vit=False)]
+    raise ValueError(f"mode: unknown {mode!r}, expected one of {MODES}")
+
+
+def synth_conversation(mode: str, seed: int, row: int, image_size: int = 64) -> str:
+    """Row ``row`` of ``mode``: seeded by (seed, mode, row) alone, so rows do not depend on file splits."""
+    ex = make_example(random.Random(f"{seed}:{mode}:{row}"), image_size)
+    parts = [("user", TextPart(SYSTEM_PROMPT, False)), ("user", TextPart(ex.prompt, False))]
+    return conversation_json(parts + [("assistant", p) for p in mode_parts(mode, ex)])
+
+
+def write_synthetic(out_uri: str, rows: int, seed: int = 0, image_size: int = 64, rows_per_file: int = 256,
+                    modes=MODES, progress: bool = True) -> dict[str, int]:
+    """Write ``rows`` rows per mode to ``<out_uri>/<mode>/part-NNNNN.parquet``; returns rows per mode."""
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    _validate(rows, image_size, rows_per_file, modes)
+    written = {}
+    with tqdm(total=rows * len(modes), unit="row", desc="synth", file=sys.stderr, disable=not progress) as bar:
+        for mode in modes:
+            for part, start in enumerate(range(0, rows, rows_per_file)):
+                batch = []
+                for row in range(start, min(rows, start + rows_per_file)):
+                    batch.append(synth_conversation(mode, seed, row, image_size))
+                    bar.update()
+                table = pa.table({"conversation": pa.array(batch, type=pa.string())})
+                with open_file(join(out_uri, mode, f"part-{part:05d}.parquet"), "wb") as f:
+                    pq.write_table(table, f, row_group_size=64)
+            written[mode] = rows
+    return written
+
+
+def _validate(rows, image_size, rows_per_file, modes) -> None:
+    if not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be an integer >= 1, got {rows!r}")
+    if not isinstance(image_size, int) or image_size < 32 or image_size % 16:
+        raise ValueError(f"image_size must be a multiple of 16 and >= 32, got {image_size!r}")
+    if not isinstance(rows_per_file, int) or rows_per_file < 1:
+        raise ValueError(f"rows_per_file must be an integer >= 1, got {rows_per_file!r}")
+    if not modes or len(set(modes)) != len(modes) or not set(modes) <= set(MODES):
+        raise ValueError(f"modes must be distinct names from {MODES}, got {list(modes)!r}")
