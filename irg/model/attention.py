@@ -84,22 +84,22 @@ def attend(
             ki = torch.cat([past[i].keys, ki])
             vi = torch.cat([past[i].values, vi])
         present.append(LayerKV(ki, vi))
-        # Grouped-query attention by repeating KV heads: cheap next to the projections, and it keeps
-        # every SDPA backend (flash included) eligible.
-        groups = qi.shape[1] // ki.shape[1]
+        # SDPA's fused kernels (flash, memory-efficient) take 4-D [batch, heads, tokens, dim] inputs only;
+        # 3-D inputs silently fall back to the unfused math kernel.
         out = F.scaled_dot_product_attention(
-            qi.transpose(0, 1),
-            ki.repeat_interleave(groups, dim=1).transpose(0, 1),
-            vi.repeat_interleave(groups, dim=1).transpose(0, 1),
+            qi.transpose(0, 1)[None],
+            ki.transpose(0, 1)[None],
+            vi.transpose(0, 1)[None],
             attn_mask=_sdpa_mask(mask, length, ki.shape[0], q.device),
+            enable_gqa=qi.shape[1] != ki.shape[1],
         )
-        outputs.append(out.transpose(0, 1))
+        outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs), present
 
 
 def _sdpa_mask(mask, q_len: int, kv_len: int, device):
     if isinstance(mask, torch.Tensor):
-        return mask.to(device)
+        return mask.to(device)[None, None]
     if mask == FULL:
         return None
     if mask != CAUSAL:

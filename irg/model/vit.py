@@ -57,8 +57,11 @@ class SiglipAttention(nn.Module):
             proj(x).view(n, self.num_heads, -1).transpose(0, 1).split(seqlens, dim=1)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        # One dense attention per image: exact, and O(sum n_i^2) instead of a block mask's O(N^2).
-        out = torch.cat([F.scaled_dot_product_attention(*qkv) for qkv in zip(q, k, v)], dim=1)
+        # One dense attention per image: exact, and O(sum n_i^2) instead of a block mask's O(N^2). The
+        # inputs are 4-D because SDPA's fused kernels accept nothing else.
+        out = torch.cat(
+            [F.scaled_dot_product_attention(qi[None], ki[None], vi[None])[0] for qi, ki, vi in zip(q, k, v)], dim=1
+        )
         return self.out_proj(out.transpose(0, 1).reshape(n, d))
 
 
