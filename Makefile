@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install
-# pinned dependencies (torch from the CPU wheel unless TORCH_INDEX_URL points elsewhere).
+# pinned dependencies. torch comes from pip's configured sources (the CPU wheel on our CI machines);
+# set TORCH_INDEX_URL to PyTorch's CPU or CUDA wheel index to choose the build elsewhere.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

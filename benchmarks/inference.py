@@ -173,19 +173,18 @@ def main() -> dict:
         "args": vars(args), "spec_floor": SPEC_FLOOR,
     }
 
-    # Tokenizer first: the model needs its <|vision_start|>/<|vision_end|> ids.
+    # The presets carry their tokenizer's <|vision_start|>/<|vision_end|> ids.
     if args.preset == "tiny":
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(TINY_CHECKPOINT)
     else:
         tokenizer = CharTokenizer()
-    start_id, end_id = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
 
     log(f"building {args.preset} on {device} ({dtype_name})")
     reset_peak(device)
     start = time.perf_counter()
     with torch.device("meta"):
-        model = Bagel(config, image_start_token_id=start_id, image_end_token_id=end_id)
+        model = Bagel(config)
         autoencoder = AutoEncoder(config.ae)
     model = random_init(model, device, dtype)
     autoencoder = random_init(autoencoder, device, dtype)

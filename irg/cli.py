@@ -44,13 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> int:
+    import hashlib
+    from dataclasses import asdict
+
     import torch
     from tqdm import tqdm
 
-    from irg.pipeline import IRGPipeline, resolve_device
+    from irg.model.checkpoint import read_config
+    from irg.pipeline import IRGPipeline, resolve_device, validate_request
 
     width, height = args.size
-    device = resolve_device(args.device)  # fail before loading anything
+    # Everything that can be checked without the weights is checked before loading them.
+    device = resolve_device(args.device)
+    request = validate_request(read_config(args.model), args.prompt, height=height, width=width,
+                               num_steps=args.steps, rounds=args.rounds, seed=args.seed,
+                               max_think_tokens=args.max_think_tokens, think_temperature=args.think_temperature)
     pipe = IRGPipeline.from_pretrained(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
     bar = tqdm(total=args.rounds * (args.steps - 1), unit="step", desc="round 1: thinking")
 
@@ -64,8 +72,7 @@ def generate(args: argparse.Namespace) -> int:
             preview = event.text if len(event.text) <= 200 else event.text[:200] + "..."
             bar.write(f"round {event.round + 1} think: {preview!r}")
 
-    out = pipe(args.prompt, height=height, width=width, num_steps=args.steps, rounds=args.rounds, seed=args.seed,
-               max_think_tokens=args.max_think_tokens, think_temperature=args.think_temperature, callback=on_event)
+    (out,) = pipe.generate(request, callback=on_event)
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -78,7 +85,10 @@ def generate(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "settings": {"width": width, "height": height, "steps": args.steps, "rounds": args.rounds, "seed": out.seed,
                      "device": str(device), "dtype": args.dtype, "max_think_tokens": args.max_think_tokens,
-                     "think_temperature": args.think_temperature},
+                     "think_temperature": args.think_temperature, "vae_transform": request.vae_transform,
+                     "vit_transform": request.vit_transform,
+                     "round_settings": [asdict(s) for s in request.round_settings],
+                     "system_prompt_sha256": hashlib.sha256(request.system_prompt.encode()).hexdigest()},
         "texts": out.texts,
         "images": files,
         "timings_s": out.timings,
@@ -91,9 +101,14 @@ def generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from irg.model import CheckpointError
+    from irg.pipeline import InvalidRequestError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    # Errors about the user's input end the command with a one-line message; anything else is a bug
+    # and keeps its traceback.
+    except (InvalidRequestError, CheckpointError, FileNotFoundError, PermissionError) as e:
         print(f"irg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,7 @@ import torch
 from conftest import FIXTURE_DIR, load_golden
 
 from irg.model import AutoEncoder, CheckpointError, build_model, get_config, load_pretrained, save_pretrained
-from irg.model.config import BagelConfig, read_json
+from irg.model.checkpoint import read_config
 from irg.model.safetensors_stream import write_safetensors
 
 
@@ -35,12 +35,19 @@ def test_real_flux_autoencoder_inventory():
     assert shapes(ae) == read_inventory("ae_keys_real.tsv")
 
 
-def test_tiny_preset_matches_the_fixture_files():
-    files = {n: read_json(FIXTURE_DIR / n) for n in ("llm_config.json", "vit_config.json", "ae_config.json",
-                                                     "bagel_config.json")}
-    assert BagelConfig.from_checkpoint_dir(files) == get_config("tiny")
+def test_tiny_preset_matches_the_fixture():
+    assert load_pretrained(FIXTURE_DIR).config == get_config("tiny")  # token ids come from the tokenizer
     with torch.device("meta"):
         assert shapes(build_model("tiny")) == read_inventory("keys.tsv")
+
+
+def test_a_fresh_tiny_model_can_run_inference():
+    from irg.model import KVCache
+    from irg.model.latents import grid_position_ids
+
+    model = build_model("tiny").eval()
+    (cache,) = model.prefill_vae_image([KVCache()], [torch.randn(4, 64)], [grid_position_ids(2, 2, 64)])
+    assert (cache.length, cache.position) == (6, 1)
 
 
 def test_unknown_preset_is_named():
@@ -91,6 +98,13 @@ def test_shape_mismatch_is_named(checkpoint_copy):
         load_pretrained(checkpoint_copy)
 
 
+def test_missing_tokenizer_is_named(checkpoint_copy):
+    for name in ("tokenizer.json", "vocab.json"):
+        (checkpoint_copy / name).unlink()
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        read_config(checkpoint_copy)
+
+
 def test_corrupt_safetensors_is_named(checkpoint_copy):
     (checkpoint_copy / "ema.safetensors").write_bytes(b"\x05\x00")
     with pytest.raises(ValueError, match="ema.safetensors: not a safetensors file"):
@@ -104,7 +118,7 @@ def test_save_then_load_round_trips_every_tensor(tmp_path):
     for required in ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors", "tokenizer.json"):
         assert required in names
     # The official files keep their conventions: the ViT file counts the dropped last layer.
-    assert read_json(tmp_path / "saved" / "vit_config.json")["num_hidden_layers"] == 3
+    assert json.loads((tmp_path / "saved" / "vit_config.json").read_text())["num_hidden_layers"] == 3
     reloaded = load_pretrained(tmp_path / "saved")
     assert reloaded.config == original.config
     for a, b in ((original.model, reloaded.model), (original.autoencoder, reloaded.autoencoder)):

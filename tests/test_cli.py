@@ -46,6 +46,7 @@ def test_bad_arguments_fail_with_a_clear_message(tmp_path, args, message):
     result = run_cli("generate", *[x for kv in base.items() for x in kv])
     assert result.returncode == 2
     assert message in result.stderr
+    assert "?step/s" not in result.stderr  # rejected before the model was loaded and the bar started
     assert not (tmp_path / "o").exists()
 
 

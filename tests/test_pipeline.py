@@ -34,7 +34,11 @@ def pipe():
         (dict(think_temperature=-1.0), "think_temperature"),
         (dict(max_think_tokens=0), "max_think_tokens"),
         (dict(vae_transform=(32, 64, 16)), "vae_transform"),
+        (dict(vae_transform=(56, 56, 8)), "vae_transform: stride 8 must be a multiple of 16"),
         (dict(vit_transform=(2000, 224, 14)), "vit_transform"),
+        (dict(vit_transform=(32, 16, 16)), "vit_transform: stride 16 must be a multiple of 14"),
+        (dict(think_temperature="hot"), "think_temperature"),
+        (dict(seed=[1, 2]), "seed: must be an integer or one integer per prompt"),
         (dict(round_settings=[{"cfg_scale": 2.0}]), "unknown round setting"),
         (dict(round_settings=[{"cfg_interval": (0.8, 0.2)}]), "cfg_interval"),
         (dict(round_settings=[{"cfg_renorm_type": "none"}]), "cfg_renorm_type"),
@@ -73,6 +77,25 @@ def test_generation_is_reproducible_for_a_seed_and_differs_across_seeds(pipe):
     assert not torch.equal(a.latents[0], c.latents[0])
     assert len(a.texts) == len(a.images) == len(a.latents) == 2
     assert a.latents[0].shape == (4, 64) and a.images[0].size == (32, 32)
+
+
+def test_a_prompt_gives_the_same_result_alone_or_in_a_batch(pipe):
+    """Each prompt draws from its own seeded generator: thinks are sampled (temperature 0.3) here."""
+    prompts = ["a red cube", "two green birds above a white house"]
+    batch = pipe(prompts, seed=[5, 9], **SMALL)
+    for prompt, seed, out in zip(prompts, (5, 9), batch):
+        alone = pipe(prompt, seed=seed, **SMALL)
+        assert alone.texts == out.texts and alone.seed == out.seed == seed
+        for x, y in zip(alone.latents, out.latents):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+def test_moving_the_pipeline_to_another_dtype_keeps_it_working():
+    pipe = IRGPipeline.from_pretrained(FIXTURE_DIR)
+    pipe("a red cube", seed=0, **SMALL)  # fills the float32 system-prompt cache
+    pipe.to(dtype=torch.bfloat16)
+    out = pipe("a red cube", seed=0, **SMALL)
+    assert pipe.dtype == torch.bfloat16 and out.images[1].size == (32, 32)
 
 
 def test_batch_of_prompts_equals_each_prompt_alone(pipe):

@@ -33,10 +33,6 @@ class PackedAttention:
         if len(self.query_lens) != len(self.masks):
             raise ValueError("one mask per packed sequence is required")
 
-    @classmethod
-    def single(cls, length: int, mask: str | torch.Tensor) -> "PackedAttention":
-        return cls([length], [mask])
-
 
 @dataclass
 class LayerKV:
@@ -52,16 +48,13 @@ class KVCache:
 
     ``length`` counts cached tokens; ``position`` is the next RoPE position. They differ once an image
     block has been cached, since all tokens of an image block share one position. Extending a cache
-    returns a new object and never mutates the old one, so forking a context (the CFG branches
-    reuse prefixes of the main context) costs nothing.
+    returns a new object and never mutates the old one, so contexts that share a prefix (the CFG
+    branches reuse prefixes of the main context) share its tensors for free.
     """
 
     layers: list[LayerKV] = field(default_factory=list)
     length: int = 0
     position: int = 0
-
-    def fork(self) -> "KVCache":
-        return KVCache(list(self.layers), self.length, self.position)
 
 
 def attend(

@@ -49,12 +49,13 @@ class _Block:
 
 
 class Bagel(nn.Module):
-    def __init__(self, config: BagelConfig, image_start_token_id: int = 151652, image_end_token_id: int = 151653):
+    def __init__(self, config: BagelConfig):
         super().__init__()
+        for name in ("image_start_token_id", "image_end_token_id"):
+            if not 0 <= getattr(config, name) < config.llm.vocab_size:
+                raise ValueError(f"{name} {getattr(config, name)} is outside the vocabulary ({config.llm.vocab_size})")
         self.config = config
         hidden = config.llm.hidden_size
-        self.image_start_token_id = image_start_token_id
-        self.image_end_token_id = image_end_token_id
         self.language_model = MoTLanguageModel(config.llm)
         self.vit_model = SiglipVisionTower(config.vit)
         self.connector = MLPConnector(config.vit.hidden_size, hidden)
@@ -113,8 +114,9 @@ class Bagel(nn.Module):
                 patchify_latent(latent[:, : h * patch, : w * patch], patch)
                 for latent, (h, w) in zip(padded_latent, batch.patchified_vae_latent_shapes)
             ]).to(dtype)
-            if noise is None:
-                noise = torch.randn(x0.shape, generator=generator, device=device, dtype=dtype)
+            if noise is None:  # drawn where the generator lives, so a CPU generator works for a GPU model
+                gen_device = generator.device if generator is not None else device
+                noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(device, dtype)
             t = shift_timesteps(torch.sigmoid(batch.packed_timesteps.float()), self.config.timestep_shift)
             x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
             x[batch.packed_vae_token_indexes] = self.embed_latents(x_t, t, batch.packed_latent_position_ids)
@@ -182,7 +184,7 @@ class Bagel(nn.Module):
     def _image_block(self, cache: KVCache, token_embeds: torch.Tensor, generation_expert: bool) -> _Block:
         """``<|vision_start|>`` + image tokens + ``<|vision_end|>``, all at the context's current position."""
         device = token_embeds.device
-        markers = self.embed_text(torch.tensor([self.image_start_token_id, self.image_end_token_id], device=device))
+        markers = self.embed_text(torch.tensor([self.config.image_start_token_id, self.config.image_end_token_id], device=device))
         embeds = torch.cat([markers[:1], token_embeds.to(markers.dtype), markers[1:]])
         n = token_embeds.shape[0]
         gen_mask = torch.zeros(n + 2, dtype=torch.bool, device=device)

@@ -7,6 +7,7 @@ widths, when not the real FLUX ones) and ``bagel_config.json`` (latent grid, pat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from irg.model.config import BagelConfig
 from irg.model.safetensors_stream import SafetensorsReader, write_safetensors
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
+TOKENIZER_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "added_tokens.json", "generation_config.json", "chat_template.jinja",
@@ -44,16 +46,29 @@ class Pretrained:
     config: BagelConfig
 
 
-def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> Pretrained:
+def read_config(path: str | os.PathLike) -> BagelConfig:
+    """The model configuration of a checkpoint, from its JSON files alone (no weights read).
+
+    Checks that every file of the layout is there, so a broken checkpoint fails before any loading.
+    """
     path = str(path)
     for name in REQUIRED_FILES:
         if not storage.exists(storage.join(path, name)):
             raise FileNotFoundError(f"checkpoint {path!r} has no {name} (expected the official BAGEL layout)")
-    config = BagelConfig.from_checkpoint_dir(_read_configs(path))
+    if not any(all(storage.exists(storage.join(path, f)) for f in files) for files in TOKENIZER_SETS):
+        raise FileNotFoundError(f"checkpoint {path!r} has no tokenizer: expected tokenizer.json, "
+                                "or vocab.json and merges.txt")
+    return BagelConfig.from_checkpoint_dir(_read_configs(path))
+
+
+def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> Pretrained:
+    path = str(path)
+    config = read_config(path)
     tokenizer = load_tokenizer(path)
     start_id, end_id = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+    config = dataclasses.replace(config, image_start_token_id=start_id, image_end_token_id=end_id)
     with torch.device("meta"):
-        model = Bagel(config, image_start_token_id=start_id, image_end_token_id=end_id)
+        model = Bagel(config)
         autoencoder = AutoEncoder(config.ae)
     load_weights(model, storage.join(path, "ema.safetensors"), device, dtype)
     load_weights(autoencoder, storage.join(path, "ae.safetensors"), device, dtype)
@@ -132,9 +147,12 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def save_pretrained(
-    path: str | os.PathLike, model: Bagel, autoencoder: AutoEncoder, tokenizer=None, dtype: torch.dtype | None = None
+    path: str | os.PathLike, model: Bagel, autoencoder: AutoEncoder, tokenizer, dtype: torch.dtype | None = None
 ) -> None:
-    """Write the official layout (plus ``ae_config.json`` and ``bagel_config.json``) to a folder or URI."""
+    """Write the official layout (plus ``ae_config.json`` and ``bagel_config.json``) to a folder or URI.
+
+    The tokenizer is required: a checkpoint without one cannot be loaded.
+    """
     path = str(path)
     config = model.config
     llm = asdict(config.llm) | {
@@ -145,6 +163,7 @@ def save_pretrained(
         "visual_gen": True, "visual_und": True, "latent_patch_size": config.latent_patch_size,
         "max_latent_size": config.max_latent_size, "vit_max_num_patch_per_side": config.vit_max_num_patch_per_side,
         "connector_act": "gelu_pytorch_tanh", "interpolate_pos": False, "timestep_shift": config.timestep_shift,
+        "image_start_token_id": config.image_start_token_id, "image_end_token_id": config.image_end_token_id,
     }
     for name, content in (("llm_config.json", llm), ("vit_config.json", config.vit.to_hf_dict()),
                           ("ae_config.json", asdict(config.ae)), ("bagel_config.json", bagel)):
@@ -153,8 +172,7 @@ def save_pretrained(
     for name, module in (("ema.safetensors", model), ("ae.safetensors", autoencoder)):
         with storage.open_file(storage.join(path, name), "wb") as f:
             write_safetensors(f, module.state_dict(), dtype)
-    if tokenizer is not None:
-        _save_tokenizer(tokenizer, path)
+    _save_tokenizer(tokenizer, path)
 
 
 def _save_tokenizer(tokenizer, path: str) -> None:

@@ -8,9 +8,7 @@ read from the official checkpoint files (``llm_config.json``, ``vit_config.json`
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 @dataclass
@@ -100,6 +98,10 @@ class BagelConfig:
     max_latent_size: int = 64
     vit_max_num_patch_per_side: int = 70
     timestep_shift: float = 4.0  # training-time shift of sampled timesteps (IRG setting)
+    # Token ids of <|vision_start|> / <|vision_end|>, which wrap every image block (Qwen2.5's by default;
+    # a loaded checkpoint takes them from its tokenizer).
+    image_start_token_id: int = 151652
+    image_end_token_id: int = 151653
 
     @property
     def latent_channels(self) -> int:
@@ -109,19 +111,6 @@ class BagelConfig:
     @property
     def pixels_per_latent_token(self) -> int:
         return self.ae.downsample * self.latent_patch_size
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BagelConfig":
-        d = dict(d)
-        return cls(
-            llm=LLMConfig(**d.pop("llm")),
-            vit=ViTConfig(**d.pop("vit")),
-            ae=AEConfig(**d.pop("ae")),
-            **d,
-        )
 
     @classmethod
     def from_checkpoint_dir(cls, files: dict[str, dict]) -> "BagelConfig":
@@ -135,6 +124,8 @@ class BagelConfig:
             max_latent_size=bagel.get("max_latent_size", 64),
             vit_max_num_patch_per_side=bagel.get("vit_max_num_patch_per_side", 70),
             timestep_shift=bagel.get("timestep_shift", 4.0),
+            image_start_token_id=bagel.get("image_start_token_id", 151652),
+            image_end_token_id=bagel.get("image_end_token_id", 151653),
         )
 
 
@@ -147,6 +138,8 @@ def tiny_config() -> BagelConfig:
         ),
         vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
         ae=AEConfig(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1),
+        image_start_token_id=1306,
+        image_end_token_id=1307,
     )
 
 
@@ -164,7 +157,3 @@ def get_config(name: str) -> BagelConfig:
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
 
-
-def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)

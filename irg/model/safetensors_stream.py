@@ -48,8 +48,8 @@ class SafetensorsReader:
         entry = self.entries[key]
         start, end = entry["data_offsets"]
         self.file.seek(self.data_start + start)
-        data = bytearray(self.file.read(end - start))
-        if len(data) != end - start:
+        data = bytearray(end - start)
+        if self.file.readinto(data) != end - start:  # straight into the tensor's buffer: one copy in memory
             raise ValueError(f"{self.name}: tensor {key} is truncated")
         dtype = _DTYPES[entry["dtype"]]
         if not data:

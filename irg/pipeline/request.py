@@ -1,0 +1,220 @@
+"""Validation of a generation request, separate from the model so that a CLI or a server can reject
+bad input from the model's configuration alone, before loading or running anything."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from irg.model.config import BagelConfig
+from irg.pipeline.prompts import SYSTEM_PROMPT
+from irg.pipeline.settings import RoundSettings, default_round_settings
+from irg.transforms import ImageTransform
+
+VAE_TRANSFORM = (1024, 512, 16)
+VIT_TRANSFORM = (980, 224, 14)
+MAX_THINK_TOKENS = 1000  # the reference's max_length for a think
+
+
+class InvalidRequestError(ValueError):
+    """A generation argument that cannot work; the message starts with the argument's name."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request: one entry per prompt in every per-prompt list."""
+
+    prompts: list[str]
+    single: bool  # a bare string was given: return one output, not a list
+    height: int
+    width: int
+    num_steps: int
+    rounds: int
+    seeds: list[int]
+    think_texts: list[list[str | None]]  # [prompt][round]; None = generate
+    images: list[list[Image.Image | None]]  # [prompt][round]; None = sample
+    init_noise: list  # [round] tensor [N, 64] or [B, N, 64], or None
+    vae_encode_noise: list  # [round] tensor [1 or B, z, h, w], or None
+    round_settings: list[RoundSettings]
+    vae_transform: tuple[int, int, int]
+    vit_transform: tuple[int, int, int]
+    think_temperature: float
+    max_think_tokens: int
+    system_prompt: str
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+
+def validate_request(
+    config: BagelConfig,
+    prompt: str | Sequence[str],
+    height: int = 1024,
+    width: int = 1024,
+    num_steps: int = 50,
+    rounds: int = 2,
+    seed: int | Sequence[int] | None = None,
+    think_texts: Sequence | None = None,
+    images: Sequence | None = None,
+    init_noise: Sequence | None = None,
+    vae_encode_noise: Sequence | None = None,
+    round_settings: Sequence[dict | RoundSettings] | None = None,
+    vae_transform: tuple[int, int, int] = VAE_TRANSFORM,
+    vit_transform: tuple[int, int, int] = VIT_TRANSFORM,
+    think_temperature: float = 0.3,
+    max_think_tokens: int = MAX_THINK_TOKENS,
+    system_prompt: str = SYSTEM_PROMPT,
+) -> GenerationRequest:
+    """Check every argument of :meth:`IRGPipeline.__call__` against the model configuration."""
+    single = isinstance(prompt, str)
+    if not single and not isinstance(prompt, (list, tuple)):
+        raise InvalidRequestError(f"prompt: must be a string or a list of strings, got {type(prompt).__name__}")
+    prompts = [prompt] if single else list(prompt)
+    if not prompts:
+        raise InvalidRequestError("prompt: at least one prompt is required")
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise InvalidRequestError("prompt: must be a non-empty string")
+    if not isinstance(system_prompt, str) or not system_prompt.strip():
+        raise InvalidRequestError("system_prompt: must be a non-empty string")
+    unit = config.pixels_per_latent_token
+    max_side = unit * config.max_latent_size
+    for name, value in (("height", height), ("width", width)):
+        if not _is_int(value) or value <= 0 or value % unit:
+            raise InvalidRequestError(f"{name}: must be a positive multiple of {unit}, got {value!r}")
+        if value > max_side:
+            raise InvalidRequestError(f"{name}: {value} exceeds the model's latent grid ({max_side} px per side)")
+    if not _is_int(num_steps) or num_steps < 2:
+        raise InvalidRequestError(f"num_steps: must be an integer >= 2, got {num_steps!r}")
+    if not _is_int(rounds) or rounds < 1:
+        raise InvalidRequestError(f"rounds: must be an integer >= 1, got {rounds!r}")
+    _check_transform("vae_transform", vae_transform, unit, max_side)
+    _check_transform("vit_transform", vit_transform, config.vit.patch_size,
+                     config.vit.patch_size * config.vit_max_num_patch_per_side)
+    if not isinstance(think_temperature, (int, float)) or isinstance(think_temperature, bool) or think_temperature < 0:
+        raise InvalidRequestError(f"think_temperature: must be a number >= 0, got {think_temperature!r}")
+    if not _is_int(max_think_tokens) or max_think_tokens < 1:
+        raise InvalidRequestError(f"max_think_tokens: must be an integer >= 1, got {max_think_tokens!r}")
+
+    request = GenerationRequest(
+        prompts=prompts, single=single, height=height, width=width, num_steps=num_steps, rounds=rounds,
+        seeds=_seeds(seed, len(prompts)),
+        think_texts=_per_prompt_rounds("think_texts", think_texts, str, single, len(prompts), rounds),
+        images=_per_prompt_rounds("images", images, Image.Image, single, len(prompts), rounds),
+        init_noise=_per_round("init_noise", init_noise, rounds),
+        vae_encode_noise=_per_round("vae_encode_noise", vae_encode_noise, rounds),
+        round_settings=_round_settings(round_settings, rounds),
+        vae_transform=tuple(vae_transform), vit_transform=tuple(vit_transform),
+        think_temperature=float(think_temperature), max_think_tokens=max_think_tokens, system_prompt=system_prompt,
+    )
+    for img in (img for per_prompt in request.images for img in per_prompt if img is not None):
+        if img.size != (width, height):
+            raise InvalidRequestError(f"images: a given image is {img.width}x{img.height}, "
+                                      f"the request {width}x{height}")
+    _check_noise_shapes(config, request)
+    return request
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_transform(name: str, value, stride_unit: int, max_size: int) -> None:
+    if (not isinstance(value, (tuple, list)) or len(value) != 3 or not all(_is_int(v) and v > 0 for v in value)
+            or value[1] > value[0]):
+        raise InvalidRequestError(f"{name}: must be (max_size, min_size, stride) positive ints with "
+                                  f"min_size <= max_size, got {value!r}")
+    if value[2] % stride_unit:
+        raise InvalidRequestError(f"{name}: stride {value[2]} must be a multiple of {stride_unit}")
+    if value[0] > max_size:
+        raise InvalidRequestError(f"{name}: max_size {value[0]} exceeds what the model can take ({max_size} px)")
+
+
+def _seeds(seed, batch: int) -> list[int]:
+    """One seed per prompt, so a prompt's result does not depend on the rest of its batch."""
+    if seed is None:
+        return [random.randrange(2**63) for _ in range(batch)]
+    if _is_int(seed):
+        return [seed + i for i in range(batch)]
+    if isinstance(seed, (list, tuple)) and len(seed) == batch and all(_is_int(s) for s in seed):
+        return list(seed)
+    raise InvalidRequestError(f"seed: must be an integer or one integer per prompt ({batch}), got {seed!r}")
+
+
+def _per_prompt_rounds(name: str, values, kind: type, single: bool, batch: int, rounds: int) -> list[list]:
+    """An optional per-round input as one list of ``rounds`` entries (None = generate) per prompt."""
+    if values is None:
+        return [[None] * rounds for _ in range(batch)]
+    if not isinstance(values, (list, tuple)):
+        raise InvalidRequestError(f"{name}: must be a list")
+    per_prompt = [list(values)] if single else [list(v) if v is not None else [] for v in values]
+    if len(per_prompt) != batch:
+        raise InvalidRequestError(f"{name}: expected one list per prompt ({batch}), got {len(per_prompt)}")
+    for entries in per_prompt:
+        if len(entries) > rounds:
+            raise InvalidRequestError(f"{name}: {len(entries)} entries for {rounds} rounds")
+        if any(e is not None and not isinstance(e, kind) for e in entries):
+            raise InvalidRequestError(f"{name}: entries must be {kind.__name__} or None")
+    return [entries + [None] * (rounds - len(entries)) for entries in per_prompt]
+
+
+def _per_round(name: str, values, rounds: int) -> list:
+    if values is None:
+        return [None] * rounds
+    if len(values) > rounds:
+        raise InvalidRequestError(f"{name}: {len(values)} entries for {rounds} rounds")
+    return [None if v is None else torch.as_tensor(v, dtype=torch.float32) for v in values] + \
+        [None] * (rounds - len(values))
+
+
+def _round_settings(overrides, rounds: int) -> list[RoundSettings]:
+    overrides = list(overrides or [])
+    if len(overrides) > rounds:
+        raise InvalidRequestError(f"round_settings: {len(overrides)} entries for {rounds} rounds")
+    settings = []
+    for r in range(rounds):
+        override = overrides[r] if r < len(overrides) else None
+        try:
+            if isinstance(override, RoundSettings):
+                settings.append(override)
+            else:
+                settings.append(default_round_settings(r).with_overrides(dict(override or {})))
+        except (ValueError, TypeError) as e:
+            raise InvalidRequestError(f"round_settings[{r}]: {e}") from None
+    return settings
+
+
+def _check_noise_shapes(config: BagelConfig, request: GenerationRequest) -> None:
+    unit = config.pixels_per_latent_token
+    tokens = (request.height // unit) * (request.width // unit)
+    w, h = ImageTransform(*request.vae_transform).target_size(request.width, request.height)
+    latent = (config.ae.z_channels, h // config.ae.downsample, w // config.ae.downsample)
+    batch = request.batch_size
+    for name, values, shapes in (
+        ("init_noise", request.init_noise, [(tokens, config.latent_channels), (batch, tokens, config.latent_channels)]),
+        ("vae_encode_noise", request.vae_encode_noise, [(1, *latent), (batch, *latent)]),
+    ):
+        for r, value in enumerate(values):
+            if value is not None and tuple(value.shape) not in shapes:
+                raise InvalidRequestError(f"{name}[{r}]: expected shape {' or '.join(map(str, shapes))}, "
+                                          f"got {tuple(value.shape)}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A usable torch device, or an :class:`InvalidRequestError` that says why not."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidRequestError(f"unknown device {device!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRequestError(f"device {str(device)!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidRequestError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise InvalidRequestError(f"unsupported device {str(device)!r} (use cpu or cuda)")
+    return device
