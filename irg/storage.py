@@ -1,55 +1,239 @@
 """One way to open files whether they live on local disk or in S3-compatible object storage.
 
-``s3://bucket/key`` URIs go through s3fs; the endpoint and credentials come from the standard AWS
-environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``). Everything else
-is a local path.
+Where the object store is, and how to sign in to it, is one :class:`StoreConfig`: every part (the
+module functions here, Ray Data, Ray Train checkpoints, MLflow artifacts, model loading) gets its
+filesystem or its environment from it, so they cannot disagree. :meth:`StoreConfig.load` reads, in
+order, each later source overriding the earlier:
+
+1. a JSON config file: the ``path`` given, else ``$IRG_STORE_CONFIG``, else
+   ``~/.config/irg/store.json`` (``$XDG_CONFIG_HOME/irg/store.json``) if it exists, e.g.
+   ``{"endpoint_url": "http://127.0.0.1:8333", "access_key": "...", "secret_key": "...",
+   "region": "us-east-1", "bucket": "irg"}``;
+2. the environment: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+   ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``IRG_BUCKET`` (an empty variable counts as unset).
+
+``s3://bucket/key`` URIs go through s3fs with that configuration; everything else is a local path
+(``file://`` included), so plain local paths work wherever an ``s3://`` URI does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from contextlib import contextmanager
-from typing import IO
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
 
 import fsspec
+
+CONFIG_ENV = "IRG_STORE_CONFIG"
+BUCKET_ENV = "IRG_BUCKET"
+DEFAULT_REGION = "us-east-1"
+DEFAULT_BUCKET = "irg"
+
+# Environment variable -> StoreConfig field; the environment overrides the config file.
+_ENV_FIELDS = {
+    "AWS_ENDPOINT_URL": "endpoint_url",
+    "AWS_ACCESS_KEY_ID": "access_key",
+    "AWS_SECRET_ACCESS_KEY": "secret_key",
+    "AWS_SESSION_TOKEN": "session_token",
+    "AWS_DEFAULT_REGION": "region",
+    BUCKET_ENV: "bucket",
+}
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "irg" / "store.json"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the object store is and how to sign in to it.
+
+    ``endpoint_url`` None means the default AWS endpoint; ``access_key``/``secret_key`` None means
+    botocore's (or pyarrow's) own credential chain.
+    """
+
+    endpoint_url: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    region: str = DEFAULT_REGION
+    bucket: str = DEFAULT_BUCKET
+    session_token: str | None = None
+    # Where the values came from (the config file, if any), for error messages; not part of equality.
+    source: str | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    # --- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> StoreConfig:
+        """The configuration from the config file (see the module docstring), overridden by the environment.
+
+        A ``path`` given or named by ``$IRG_STORE_CONFIG`` must exist; the default one is optional.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        source = None
+        file = Path(path) if path is not None else Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None
+        if file is None and default_config_path().is_file():
+            file = default_config_path()
+        if file is not None:
+            values = cls._read_file(file, named_by="path" if path is not None else CONFIG_ENV)
+            source = str(file)
+        for name, field in _ENV_FIELDS.items():
+            if env.get(name):
+                values[field] = env[name]
+        return cls(**values, source=source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> StoreConfig:
+        """The configuration in one JSON file alone, without the environment."""
+        return cls(**cls._read_file(Path(path), named_by="path"), source=str(path))
+
+    @classmethod
+    def _read_file(cls, file: Path, named_by: str) -> dict[str, Any]:
+        fields = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        try:
+            text = file.read_text()
+        except FileNotFoundError:
+            how = f"named by ${CONFIG_ENV}" if named_by == CONFIG_ENV else "given"
+            raise FileNotFoundError(f"store config file {str(file)!r} ({how}) does not exist") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"store config file {str(file)!r} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise ValueError(f"store config file {str(file)!r} must hold a JSON object, not {kind}")  # noqa: TRY004
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"store config file {str(file)!r}: unknown key(s) {unknown}; known: {sorted(fields)}")
+        bad = {k: v for k, v in data.items() if v is not None and not isinstance(v, str)}
+        if bad:
+            raise ValueError(f"store config file {str(file)!r}: values must be strings or null, got {bad}")
+        return {k: v for k, v in data.items() if v is not None}
+
+    def replace(self, **changes) -> StoreConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self, secrets: bool = True) -> dict[str, str | None]:
+        """The fields as JSON-ready values (the form the config file takes); ``secrets=False`` masks them."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+        if not secrets:
+            out = {k: ("***" if v and k in ("secret_key", "session_token") else v) for k, v in out.items()}
+        return out
+
+    # --- what other parts get ------------------------------------------------------------------
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self.access_key and self.secret_key)
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that carry this configuration to a subprocess or a Ray ``runtime_env``.
+
+        The standard AWS variables (read by botocore, s3fs and :meth:`load`), ``MLFLOW_S3_ENDPOINT_URL``
+        (MLflow's artifact client ignores ``AWS_ENDPOINT_URL``) and ``IRG_BUCKET``. Unset fields are
+        left out, so the receiver falls back to its own defaults for them.
+        """
+        out: dict[str, str] = {}
+        if self.endpoint_url:
+            out["AWS_ENDPOINT_URL"] = self.endpoint_url
+            out["MLFLOW_S3_ENDPOINT_URL"] = self.endpoint_url
+        if self.has_keys:
+            out["AWS_ACCESS_KEY_ID"] = self.access_key
+            out["AWS_SECRET_ACCESS_KEY"] = self.secret_key
+            if self.session_token:
+                out["AWS_SESSION_TOKEN"] = self.session_token
+        out["AWS_DEFAULT_REGION"] = self.region
+        out["AWS_REGION"] = self.region
+        out[BUCKET_ENV] = self.bucket
+        return out
+
+    def s3fs_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``s3fs.S3FileSystem`` / ``fsspec.filesystem("s3", ...)``.
+
+        The credentials are passed explicitly, not left for botocore to find, because fsspec caches
+        filesystem instances by their options: with the environment alone in the key, a process whose
+        credentials change would keep using the instance (and client) built with the old ones.
+        """
+        options: dict[str, Any] = {"client_kwargs": {"region_name": self.region}}
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        if self.has_keys:
+            options["key"], options["secret"] = self.access_key, self.secret_key
+            if self.session_token:
+                options["token"] = self.session_token
+        return options
+
+    def fsspec_filesystem(self) -> fsspec.AbstractFileSystem:
+        """An s3fs filesystem for this store (paths are ``bucket/key``, with or without ``s3://``)."""
+        return fsspec.filesystem("s3", **self.s3fs_options())
+
+    def pyarrow_filesystem(self):
+        """A ``pyarrow.fs.S3FileSystem`` for this store, for Ray Data ``read_parquet(filesystem=...)`` and
+        Ray Train ``RunConfig(storage_filesystem=...)``: pyarrow ignores ``AWS_ENDPOINT_URL``, so the
+        endpoint is passed explicitly. Paths are ``bucket/key`` (no ``s3://``).
+        """
+        from pyarrow import fs as pafs
+
+        kwargs: dict[str, Any] = {"region": self.region}
+        if self.endpoint_url:
+            parts = urlsplit(self.endpoint_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"endpoint_url {self.endpoint_url!r} must look like http(s)://host[:port]")
+            if parts.path.strip("/"):
+                raise ValueError(f"endpoint_url {self.endpoint_url!r}: pyarrow's S3 client cannot use a path prefix")
+            kwargs["endpoint_override"] = parts.netloc
+            kwargs["scheme"] = parts.scheme
+        if self.has_keys:
+            kwargs["access_key"], kwargs["secret_key"] = self.access_key, self.secret_key
+            if self.session_token:
+                kwargs["session_token"] = self.session_token
+        return pafs.S3FileSystem(**kwargs)
+
+    def uri(self, *parts: str) -> str:
+        """``s3://<bucket>/<parts joined by />``."""
+        tail = "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+        return f"s3://{self.bucket}/{tail}" if tail else f"s3://{self.bucket}"
+
+    def describe(self) -> str:
+        """Endpoint and key id, for messages (never the secret)."""
+        endpoint = self.endpoint_url or "the default AWS endpoint"
+        who = f"access key {self.access_key!r}" if self.access_key else "the default AWS credentials"
+        return f"{endpoint} with {who}"
+
+
+# --- module functions: local paths and s3:// URIs alike --------------------------------------------
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
-def filesystem(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem that holds ``uri`` and the path inside it."""
+def filesystem(uri: str | os.PathLike, config: StoreConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem that holds ``uri`` and the path inside it (``config`` defaults to :meth:`StoreConfig.load`)."""
     uri = str(uri)
     if not is_remote(uri):
         return fsspec.filesystem("file"), os.path.abspath(uri.removeprefix("file://"))
     protocol = uri.split("://", 1)[0]
-    options = _s3_options() if protocol == "s3" else {}
+    options = _s3_options(config) if protocol in ("s3", "s3a") else {}
     fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
 
-def _s3_options() -> dict:
-    """s3fs options from the standard AWS environment.
-
-    The credentials are passed explicitly, not left for botocore to find, because fsspec caches
-    filesystem instances by their options: with the environment alone in the key, a process whose
-    credentials change would keep using the instance (and client) built with the old ones.
-    """
-    env = os.environ
-    options = {}
-    if env.get("AWS_ENDPOINT_URL"):
-        options["endpoint_url"] = env["AWS_ENDPOINT_URL"]
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        options["key"], options["secret"] = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
-        if env.get("AWS_SESSION_TOKEN"):
-            options["token"] = env["AWS_SESSION_TOKEN"]
-    return options
+def _s3_options(config: StoreConfig | None = None) -> dict:
+    """s3fs options from ``config``, by default the loaded one (config file and AWS environment)."""
+    return (config or StoreConfig.load()).s3fs_options()
 
 
 @contextmanager
-def _explain_denied(uri: str | os.PathLike):
-    """Name the object and the credentials when S3 refuses a request.
+def _explain_denied(uri: str | os.PathLike, config: StoreConfig | None = None):
+    """Name the object, the endpoint and the credentials when S3 refuses a request.
 
     s3fs reports a refused HEAD request (how ``exists`` and opening for reading start) only as
     ``PermissionError("Forbidden")``: a HEAD response has no body to say more.
@@ -59,12 +243,15 @@ def _explain_denied(uri: str | os.PathLike):
     except PermissionError as e:
         if not is_remote(uri):
             raise
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
-        key_id = os.environ.get("AWS_ACCESS_KEY_ID")
-        who = f"access key {key_id!r}" if key_id else "the default AWS credentials"
+        try:
+            config = config or StoreConfig.load()
+            where = config.describe()
+            source = f" or in {config.source}" if config.source else ""
+        except Exception:  # noqa: BLE001 (a broken config failed earlier; never hide the original error)
+            where, source = "the configured endpoint", ""
         raise PermissionError(
-            f"access to {uri} denied by {endpoint} for {who} ({e}): check AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY (a wrong key or secret shows up as 403 Forbidden) and the bucket's permissions"
+            f"access to {uri} denied by {where} ({e}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            f"{source} (a wrong key or secret shows up as 403 Forbidden) and the bucket's permissions"
         ) from e
 
 
@@ -73,15 +260,28 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) if is_remote(base) else os.path.join(base, *parts)
 
 
-def exists(uri: str | os.PathLike) -> bool:
-    fs, path = filesystem(uri)
-    with _explain_denied(uri):
+def exists(uri: str | os.PathLike, config: StoreConfig | None = None) -> bool:
+    fs, path = filesystem(uri, config)
+    with _explain_denied(uri, config):
         return fs.exists(path)
 
 
-def open_file(uri: str | os.PathLike, mode: str = "rb") -> IO:
-    fs, path = filesystem(uri)
+def open_file(uri: str | os.PathLike, mode: str = "rb", config: StoreConfig | None = None) -> IO:
+    fs, path = filesystem(uri, config)
     if "w" in mode and not is_remote(uri):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with _explain_denied(uri):
+    with _explain_denied(uri, config):
         return fs.open(path, mode)
+
+
+def arrow_filesystem(uri: str | os.PathLike, config: StoreConfig | None = None):
+    """The ``pyarrow.fs`` filesystem that holds ``uri`` and the path inside it, for pyarrow and Ray Data."""
+    from pyarrow import fs as pafs
+
+    uri = str(uri)
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+    protocol, path = uri.split("://", 1)
+    if protocol not in ("s3", "s3a"):
+        raise ValueError(f"{uri}: only local paths and s3:// URIs are supported")
+    return (config or StoreConfig.load()).pyarrow_filesystem(), path.rstrip("/")
