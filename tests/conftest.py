@@ -47,13 +47,10 @@ S3_BUCKET = "irg-test"
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """One ``weed mini`` for the whole session, on free 127.0.0.1 ports; skipped when ``weed`` is missing."""
-    from s3_server import SeaweedS3, find_weed
+    """One ``weed mini`` for the whole session, on free 127.0.0.1 ports (``weed`` is a test dependency:
+    a missing binary fails the tests that need it rather than skipping them)."""
+    from irg.store import SeaweedS3
 
-    try:
-        find_weed()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
     with SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET) as server:
         yield server
 
