@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-think-tokens", type=int, default=1024)
     gen.add_argument("--think-temperature", type=float, default=0.3)
     gen.set_defaults(func=generate)
+
+    store = commands.add_parser("store", help="the embedded S3-compatible object store (SeaweedFS on 127.0.0.1)")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    for name, func, text in (("up", store_up, "start it (idempotent) and make it the default store"),
+                             ("down", store_down, "stop it (idempotent); the data stays"),
+                             ("status", store_status, "say whether it runs and answers")):
+        sub = store_commands.add_parser(name, help=text)
+        sub.add_argument("--data-dir", type=Path, default=None, help="default: $IRG_HOME/store (~/.irg/store)")
+        if name == "up":
+            sub.add_argument("--port", type=int, default=8333, help="S3 port on 127.0.0.1")
+            sub.add_argument("--bucket", default=None, help="bucket to create (default: $IRG_BUCKET or irg)")
+        sub.set_defaults(func=func)
+
+    data = commands.add_parser("data", help="IRGL training data")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synth = data_commands.add_parser("synth", help="write synthetic IRGL data (all six modes)")
+    synth.add_argument("--out", required=True, help="folder or s3:// URI")
+    synth.add_argument("--rows", type=int, required=True, help="rows per mode")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=256)
+    synth.set_defaults(func=data_synth)
+    imp = data_commands.add_parser("import", help="validate and copy an IRGL folder, writing a manifest")
+    imp.add_argument("src", help="folder or s3:// URI with one folder per mode")
+    imp.add_argument("dst", help="folder or s3:// URI")
+    imp.add_argument("--strict", action="store_true", help="stop at the first invalid row")
+    imp.set_defaults(func=data_import)
+    stats = data_commands.add_parser("stats", help="rows per mode (from the manifest, or parquet footers)")
+    stats.add_argument("uri")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(func=data_stats)
     return parser
 
 
@@ -98,17 +129,79 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def store_up(args: argparse.Namespace) -> int:
+    from irg import store
+    from irg.storage import embedded_client_path
+
+    config = store.local_config(args.port, args.bucket) if args.bucket else None
+    status = store.up(args.data_dir, config=config, s3_port=args.port)
+    print(status)
+    if args.data_dir is None:  # the default store becomes every command's default
+        client = embedded_client_path()
+        fd = os.open(client, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(status.config.to_dict(), f, indent=2)
+        print(f"client settings in {client} (used when no other store is configured); for other tools:")
+        for key, value in status.config.env().items():
+            print(f"  export {key}={value}")
+    return 0
+
+
+def store_down(args: argparse.Namespace) -> int:
+    from irg import store
+    from irg.storage import embedded_client_path
+
+    print(store.down(args.data_dir))
+    if args.data_dir is None:
+        embedded_client_path().unlink(missing_ok=True)
+    return 0
+
+
+def store_status(args: argparse.Namespace) -> int:
+    from irg import store
+
+    status = store.status(args.data_dir)
+    print(status)
+    return 0 if status.healthy else 1
+
+
+def data_synth(args: argparse.Namespace) -> int:
+    from irg.data.synth import write_synthetic
+
+    written = write_synthetic(args.out, rows=args.rows, seed=args.seed, image_size=args.image_size)
+    print(f"wrote {sum(written.values())} rows ({args.rows} per mode, {len(written)} modes) to {args.out}")
+    return 0
+
+
+def data_import(args: argparse.Namespace) -> int:
+    from irg.data.manifest import format_stats, import_dataset
+
+    manifest = import_dataset(args.src, args.dst, strict=args.strict)
+    print(format_stats(manifest))
+    return 0
+
+
+def data_stats(args: argparse.Namespace) -> int:
+    from irg.data.manifest import dataset_stats, format_stats
+
+    stats = dataset_stats(args.uri)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from irg.data.format import RowError
     from irg.model import CheckpointError
     from irg.pipeline import InvalidRequestError
+    from irg.store import StoreError
 
     try:
         return args.func(args)
     # Errors about the user's input end the command with a one-line message; anything else is a bug
     # and keeps its traceback.
-    except (InvalidRequestError, CheckpointError, FileNotFoundError, PermissionError) as e:
+    except (InvalidRequestError, CheckpointError, RowError, StoreError, FileNotFoundError, PermissionError) as e:
         print(f"irg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,8 @@ filesystem or its environment from it, so they cannot disagree. :meth:`StoreConf
 order, each later source overriding the earlier:
 
 1. a JSON config file: the ``path`` given, else ``$IRG_STORE_CONFIG``, else
-   ``~/.config/irg/store.json`` (``$XDG_CONFIG_HOME/irg/store.json``) if it exists, e.g.
+   ``~/.config/irg/store.json`` (``$XDG_CONFIG_HOME/irg/store.json``) if it exists, else the client
+   file of the running embedded store (``$IRG_HOME/store/client.json``, written by ``irg store up``), e.g.
    ``{"endpoint_url": "http://127.0.0.1:8333", "access_key": "...", "secret_key": "...",
    "region": "us-east-1", "bucket": "irg"}``;
 2. the environment: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
@@ -50,6 +51,12 @@ def default_config_path() -> Path:
     return Path(base) / "irg" / "store.json"
 
 
+def embedded_client_path() -> Path:
+    """Client config of the embedded store (``irg store up`` writes it, ``irg store down`` removes it)."""
+    home = os.environ.get("IRG_HOME") or os.path.join(os.path.expanduser("~"), ".irg")
+    return Path(home) / "store" / "client.json"
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Where the object store is and how to sign in to it.
@@ -79,8 +86,9 @@ class StoreConfig:
         values: dict[str, Any] = {}
         source = None
         file = Path(path) if path is not None else Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None
-        if file is None and default_config_path().is_file():
-            file = default_config_path()
+        for fallback in (default_config_path(), embedded_client_path()):
+            if file is None and fallback.is_file():
+                file = fallback
         if file is not None:
             values = cls._read_file(file, named_by="path" if path is not None else CONFIG_ENV)
             source = str(file)
