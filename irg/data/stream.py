@@ -85,7 +85,7 @@ class IRGLData:
             _PrepareUnits,
             fn_constructor_kwargs={"config": self.config, "store": self.store, "epoch": epoch},
             batch_size=1,
-            concurrency=self.config.prepare_concurrency,
+            concurrency=min(self.config.prepare_concurrency, len(items)),
         )
 
     def summary(self) -> dict:
