@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     # Errors about the user's input end the command with a one-line message; anything else is a bug
     # and keeps its traceback.
-    except (InvalidRequestError, CheckpointError, RowError, StoreError, FileNotFoundError, PermissionError) as e:
+    except (InvalidRequestError, CheckpointError, RowError, StoreError, FileNotFoundError, FileExistsError,
+            PermissionError) as e:
         print(f"irg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

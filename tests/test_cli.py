@@ -54,3 +54,41 @@ def test_missing_checkpoint_is_named(tmp_path):
     result = run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o"))
     assert result.returncode == 2
     assert "llm_config.json" in result.stderr
+
+
+def test_store_and_data_commands_end_to_end(tmp_path):
+    """irg store up -> data synth -> data import -> data stats -> store down, as a user would."""
+    import os
+
+    from irg.store import free_port_pairs
+
+    env = dict(os.environ, IRG_HOME=str(tmp_path / "home"))
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "IRG_STORE_CONFIG"):
+        env.pop(key, None)
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")  # no user config file may interfere
+    port = free_port_pairs(1)[0][0]
+
+    def irg(*args):
+        return subprocess.run([sys.executable, "-m", "irg.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    up = irg("store", "up", "--port", str(port))
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "healthy" in up.stdout and f"AWS_ENDPOINT_URL=http://127.0.0.1:{port}" in up.stdout
+        assert irg("store", "up", "--port", str(port)).returncode == 0  # idempotent
+        synth = irg("data", "synth", "--out", "s3://irg/synth", "--rows", "3", "--image-size", "64")
+        assert synth.returncode == 0, synth.stderr
+        imported = irg("data", "import", "s3://irg/synth", "s3://irg/clean")
+        assert imported.returncode == 0, imported.stderr
+        stats = irg("data", "stats", "s3://irg/clean", "--json")
+        assert stats.returncode == 0, stats.stderr
+        modes = json.loads(stats.stdout)["modes"]
+        assert len(modes) == 6 and all(m["rows"] == 3 for m in modes.values())
+        again = irg("data", "import", "s3://irg/synth", "s3://irg/clean")
+        assert again.returncode == 2 and "irg data: error:" in again.stderr  # refuses to mix with old data
+    finally:
+        down = irg("store", "down")
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert irg("store", "status").returncode == 1
+    assert irg("store", "down").returncode == 0  # idempotent

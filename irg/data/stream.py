@@ -85,7 +85,7 @@ class IRGLData:
             _PrepareUnits,
             fn_constructor_kwargs={"config": self.config, "store": self.store, "epoch": epoch},
             batch_size=1,
-            concurrency=min(self.config.prepare_concurrency, len(items)),
+            compute=ray.data.ActorPoolStrategy(size=min(self.config.prepare_concurrency, len(items))),
         )
 
     def summary(self) -> dict:
