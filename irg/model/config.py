@@ -11,6 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+def _known_fields(cls, d: dict) -> dict:
+    """The entries of a config file that ``cls`` has fields for (HF files carry many more)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
 @dataclass
 class LLMConfig:
     """Qwen2-shaped Mixture-of-Transformers language model."""
@@ -33,8 +39,7 @@ class LLMConfig:
     def from_hf_dict(cls, d: dict) -> "LLMConfig":
         # The reference loaders force qk_norm=True, tie_word_embeddings=False and the MoT layer
         # whatever the file says; this architecture has no switches for them, so they are ignored.
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**_known_fields(cls, d))
 
 
 @dataclass
@@ -54,8 +59,7 @@ class ViTConfig:
     def from_hf_dict(cls, d: dict) -> "ViTConfig":
         # BAGEL drops SigLIP's last layer (it uses penultimate features): the file's
         # num_hidden_layers counts it, the model does not.
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs = _known_fields(cls, d)
         kwargs["num_hidden_layers"] = d["num_hidden_layers"] - 1
         return cls(**kwargs)
 
@@ -83,8 +87,7 @@ class AEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**_known_fields(cls, d))
 
 
 @dataclass
