@@ -51,10 +51,14 @@ def default_config_path() -> Path:
     return Path(base) / "irg" / "store.json"
 
 
+def irg_home() -> Path:
+    """Where IRG keeps local state (the embedded store, the local MLflow database): ``$IRG_HOME`` or ~/.irg."""
+    return Path(os.environ.get("IRG_HOME") or os.path.join(os.path.expanduser("~"), ".irg"))
+
+
 def embedded_client_path() -> Path:
     """Client config of the embedded store (``irg store up`` writes it, ``irg store down`` removes it)."""
-    home = os.environ.get("IRG_HOME") or os.path.join(os.path.expanduser("~"), ".irg")
-    return Path(home) / "store" / "client.json"
+    return irg_home() / "store" / "client.json"
 
 
 @dataclass(frozen=True)

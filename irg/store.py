@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from irg.storage import StoreConfig
+from irg.storage import StoreConfig, irg_home
 
 HOST = "127.0.0.1"
 DEFAULT_S3_PORT = 8333
@@ -449,8 +449,7 @@ class StoreStatus:
 
 def default_data_dir() -> Path:
     """``$IRG_HOME/store``, ``IRG_HOME`` defaulting to ``~/.irg``."""
-    home = os.environ.get("IRG_HOME") or os.path.join(os.path.expanduser("~"), ".irg")
-    return Path(home) / "store"
+    return irg_home() / "store"
 
 
 def local_config(s3_port: int = DEFAULT_S3_PORT, bucket: str | None = None,

@@ -36,6 +36,7 @@ class TrainingOutput:
     ce_per_token: torch.Tensor | None  # [num_ce_tokens]
     mse_preds: torch.Tensor | None
     mse_per_element: torch.Tensor | None  # [num_noised_tokens, latent_channels]
+    idle_branches: torch.Tensor | None = None  # a zero tied to branches the batch left unused (see forward)
 
 
 @dataclass
@@ -88,14 +89,22 @@ class Bagel(nn.Module):
         padded_latent: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        cover_idle_branches: bool = False,
     ) -> TrainingOutput:
         """Packed training forward.
 
         ``padded_latent`` is the (frozen) autoencoder's scaled latent of ``batch.padded_images``;
         ``noise`` the flow noise for every latent token (drawn when not given).
+
+        ``cover_idle_branches`` is for data-parallel engines that handle parameters module by module
+        (DeepSpeed ZeRO): every rank must run the same modules in the same order and give every
+        trainable parameter a gradient, whatever its batch holds. A branch this batch does not use
+        (ViT, latent embedding, generation expert, either head) then runs in its usual place on a
+        dummy or empty input, and ``idle_branches`` (zero) ties those outputs into the loss.
         """
         device, dtype = self.vae2llm.weight.device, self.vae2llm.weight.dtype
         hidden = self.config.llm.hidden_size
+        idle: list[torch.Tensor] = []
         x = torch.zeros(batch.sequence_length, hidden, device=device, dtype=dtype)
         x[batch.packed_text_indexes] = self.embed_text(batch.packed_text_ids)
         gen_mask = torch.zeros(batch.sequence_length, dtype=torch.bool, device=device)
@@ -104,6 +113,9 @@ class Bagel(nn.Module):
             x[batch.packed_vit_token_indexes] = self.embed_vit(
                 batch.packed_vit_tokens, batch.packed_vit_position_ids, batch.vit_token_seqlens
             )
+        elif cover_idle_branches:  # one blank patch: the ViT cannot take an image of no patches
+            patch = torch.zeros(1, 3 * self.config.vit.patch_size**2, device=device, dtype=dtype)
+            idle.append(self.embed_vit(patch, torch.zeros(1, dtype=torch.long, device=device), [1]))
 
         mse_target = t = None
         if batch.has_latents:
@@ -122,24 +134,32 @@ class Bagel(nn.Module):
             x[batch.packed_vae_token_indexes] = self.embed_latents(x_t, t, batch.packed_latent_position_ids)
             gen_mask[batch.packed_vae_token_indexes] = True
             mse_target = noise - x0
+        elif cover_idle_branches:
+            none = torch.zeros(0, dtype=torch.long, device=device)
+            idle.append(self.embed_latents(torch.zeros(0, self.config.latent_channels, device=device), none.float(), none))
 
         spec = PackedAttention(list(batch.sample_lens), list(batch.attention_masks))
-        last_hidden, _ = self.language_model.model(
-            x, batch.packed_position_ids, TokenRouting.from_gen_mask(gen_mask), spec
-        )
+        routing = TokenRouting.from_gen_mask(gen_mask, both_experts=cover_idle_branches)
+        last_hidden, _ = self.language_model.model(x, batch.packed_position_ids, routing, spec)
 
         ce_logits = ce_per_token = None
         if batch.ce_loss_indexes is not None and batch.ce_loss_indexes.numel():
             ce_logits = self.language_model.lm_head(last_hidden[batch.ce_loss_indexes])
             ce_per_token = F.cross_entropy(ce_logits.float(), batch.packed_label_ids, reduction="none")
+        elif cover_idle_branches:
+            idle.append(self.language_model.lm_head(last_hidden[:0]))
 
         mse_preds = mse_per_element = None
         if mse_target is not None and batch.mse_loss_indexes is not None and batch.mse_loss_indexes.numel():
             mse_preds = self.llm2vae(last_hidden[batch.mse_loss_indexes])
             noised = t > 0
             mse_per_element = (mse_preds.float() - mse_target[noised].float()) ** 2
+        elif cover_idle_branches:
+            idle.append(self.llm2vae(last_hidden[:0]))
 
-        return TrainingOutput(last_hidden, ce_logits, ce_per_token, mse_preds, mse_per_element)
+        idle_branches = sum((o.float().sum() for o in idle), last_hidden.new_zeros((), dtype=torch.float32)) * 0.0 \
+            if cover_idle_branches else None
+        return TrainingOutput(last_hidden, ce_logits, ce_per_token, mse_preds, mse_per_element, idle_branches)
 
     # ---------------------------------------------------------------- cached inference
 

@@ -61,7 +61,10 @@ def read_config(path: str | os.PathLike) -> BagelConfig:
     return BagelConfig.from_checkpoint_dir(_read_configs(path))
 
 
-def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32) -> Pretrained:
+def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
+                    model_weights: dict[str, torch.Tensor] | None = None) -> Pretrained:
+    """The checkpoint at ``path``; ``model_weights`` (a full state dict, e.g. trained EMA weights)
+    replaces its ``ema.safetensors`` while the autoencoder, tokenizer and configs still come from it."""
     path = str(path)
     config = read_config(path)
     tokenizer = load_tokenizer(path)
@@ -70,7 +73,13 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype = 
     with torch.device("meta"):
         model = Bagel(config)
         autoencoder = AutoEncoder(config.ae)
-    load_weights(model, storage.join(path, "ema.safetensors"), device, dtype)
+    if model_weights is None:
+        load_weights(model, storage.join(path, "ema.safetensors"), device, dtype)
+    else:
+        expected = {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items()}
+        check_keys(expected, {k: tuple(v.shape) for k, v in model_weights.items()}, "the given model weights")
+        for name, tensor in model_weights.items():
+            _assign(model, name, tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device))
     load_weights(autoencoder, storage.join(path, "ae.safetensors"), device, dtype)
     model.eval()
     autoencoder.eval().requires_grad_(False)

@@ -151,7 +151,14 @@ def bagel_7b_config() -> BagelConfig:
     return BagelConfig()
 
 
-PRESETS = {"tiny": tiny_config, "bagel-7b": bagel_7b_config}
+def mot_1p5b_config() -> BagelConfig:
+    """A Qwen2.5-1.5B-shaped MoT (1.3B weights per expert outside the embeddings) with BAGEL's ViT and
+    autoencoder: the size the MISSION's training-throughput floor is stated for."""
+    return BagelConfig(llm=LLMConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                     num_attention_heads=12, num_key_value_heads=2))
+
+
+PRESETS = {"tiny": tiny_config, "mot-1.5b": mot_1p5b_config, "bagel-7b": bagel_7b_config}
 
 
 def get_config(name: str) -> BagelConfig:
