@@ -71,7 +71,57 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("uri")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=data_stats)
+
+    registry = commands.add_parser("registry", help="IRG models in the MLflow model registry "
+                                   "($MLFLOW_TRACKING_URI, default sqlite under $IRG_HOME/mlflow)")
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True)
+    listing = registry_commands.add_parser("list", help="registered models, versions and aliases")
+    listing.add_argument("name", nargs="?", help="one registered model (default: all)")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=registry_list)
+    promote = registry_commands.add_parser("promote", help="point an alias (default champion) at a version")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--alias", default="champion")
+    promote.set_defaults(func=registry_promote)
+    register = registry_commands.add_parser("register", help="log a BAGEL-layout checkpoint and register it")
+    register.add_argument("model", help="checkpoint folder or s3:// URI")
+    register.add_argument("name", help="registered model name")
+    register.set_defaults(func=registry_register)
     return parser
+
+
+def _registry():
+    from irg import registry
+    from irg.train.config import TrackingSettings
+    from irg.train.tracking import configure
+    from irg.train.trainer import store_config
+
+    configure(TrackingSettings(), store_config())
+    return registry
+
+
+def registry_list(args: argparse.Namespace) -> int:
+    rows = _registry().list_models(args.name)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<24} {'version':>7}  {'aliases':<20} {'status':<10} run")
+    for r in rows:
+        print(f"{r['name']:<24} {r['version']:>7}  {','.join(r['aliases']) or '-':<20} {r['status']:<10} {r['run_id']}")
+    return 0
+
+
+def registry_promote(args: argparse.Namespace) -> int:
+    version = _registry().promote(args.name, args.version, args.alias)
+    print(f"{args.name}@{args.alias} -> version {version.version} (models:/{args.name}@{args.alias})")
+    return 0
+
+
+def registry_register(args: argparse.Namespace) -> int:
+    version = _registry().log_model(args.model, args.name)
+    print(f"registered {version.name} version {version.version} (models:/{version.name}/{version.version})")
+    return 0
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -197,12 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     from irg.pipeline import InvalidRequestError
     from irg.store import StoreError
 
-    try:
-        return args.func(args)
     # Errors about the user's input end the command with a one-line message; anything else is a bug
     # and keeps its traceback.
-    except (InvalidRequestError, CheckpointError, RowError, StoreError, FileNotFoundError, FileExistsError,
-            PermissionError) as e:
+    user_errors = (InvalidRequestError, CheckpointError, RowError, StoreError, FileNotFoundError, FileExistsError,
+                   PermissionError)
+    try:
+        from mlflow.exceptions import MlflowException  # unknown model or version, bad tracking URI
+
+        user_errors += (MlflowException,)
+    except ImportError:  # installed without the cluster extra
+        pass
+    try:
+        return args.func(args)
+    except user_errors as e:
         print(f"irg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -37,6 +37,7 @@ class StreamConfig:
     max_tokens_per_sample: int = 16384
     strict: bool = False
     prepare_concurrency: int = 2  # Ray Data workers that decode and tokenise
+    prepare_cpus: float = 1.0  # CPUs each reserves (less lets them share cores with training workers)
 
     def __post_init__(self):
         unknown = sorted(set(self.weights) - set(MODES))
@@ -56,6 +57,10 @@ class StreamConfig:
 
 class DataPlanError(ValueError):
     """The data cannot be used as configured (a mandatory mode is missing, or strict mode found a problem)."""
+
+
+class EpochExhausted(DataPlanError):
+    """Every row of the epoch was already consumed (a run restored right at an epoch's end)."""
 
 
 class IRGLData:
@@ -79,12 +84,13 @@ class IRGLData:
         consumed = position.consumed if position is not None and position.epoch == epoch else set()
         units = plan_epoch(self.row_groups, self.quota, self.config.seed, epoch, consumed)
         if not units:
-            raise DataPlanError(f"epoch {epoch} has no rows left to read")
+            raise EpochExhausted(f"epoch {epoch} has no rows left to read")
         items = [dataclasses.asdict(u) for u in units]
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _PrepareUnits,
             fn_constructor_kwargs={"config": self.config, "store": self.store, "epoch": epoch},
             batch_size=1,
+            num_cpus=self.config.prepare_cpus,
             compute=ray.data.ActorPoolStrategy(size=min(self.config.prepare_concurrency, len(items))),
         )
 

@@ -1,0 +1,131 @@
+"""IRG models in the MLflow model registry: log a BAGEL-layout checkpoint as a pyfunc, register, promote.
+
+The logged model carries the checkpoint files and the ``irg`` code, so ``mlflow.pyfunc.load_model(
+"models:/NAME@champion")`` runs the generator wherever the pinned requirements are installed. Aliases
+(``champion``, ``challenger``) replace the deprecated stages.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+
+from irg import storage
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+# Generation settings a caller may pass as MLflow params, with the defaults of a pyfunc call.
+GENERATION_PARAMS = {"height": 1024, "width": 1024, "num_steps": 50, "rounds": 2, "seed": 0,
+                     "max_think_tokens": 1000, "think_temperature": 0.3}
+
+
+class IRGModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: a DataFrame with a ``prompt`` column -> think texts and base64 PNGs of every round."""
+
+    def load_context(self, context):
+        import torch
+
+        from irg.pipeline import IRGPipeline
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.pipe = IRGPipeline.from_pretrained(context.artifacts[CHECKPOINT_ARTIFACT], device=device, dtype=dtype)
+
+    def predict(self, context, model_input, params=None):
+        if isinstance(model_input, pd.DataFrame):
+            prompts = [str(p) for p in model_input["prompt"]]
+        elif isinstance(model_input, str):
+            prompts = [model_input]
+        else:
+            prompts = [str(p) for p in model_input]
+        settings = {**GENERATION_PARAMS, **(params or {})}
+        outputs = self.pipe(prompts, **settings)
+        return pd.DataFrame({
+            "prompt": prompts,
+            "texts": [list(o.texts) for o in outputs],
+            "images": [[_png_base64(image) for image in o.images] for o in outputs],
+        })
+
+
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_image(data: str):
+    """A base64 PNG from :meth:`IRGModel.predict` -> PIL image."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def requirements() -> list[str]:
+    """The irg package's own pinned requirements (not its cluster/dev extras)."""
+    return [r for r in metadata.requires("irg") or [] if "extra ==" not in r]
+
+
+def log_model(model_uri: str, registered_model_name: str, run_id: str | None = None):
+    """Log the BAGEL checkpoint at ``model_uri`` (folder or s3://) as a pyfunc in ``run_id`` (or a new
+    run) and register it; returns the new ``ModelVersion``."""
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(pd.DataFrame({"prompt": ["a red cube"]}), params=GENERATION_PARAMS)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _local_copy(model_uri, os.path.join(tmp, CHECKPOINT_ARTIFACT))
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            info = mlflow.pyfunc.log_model(
+                name="irg", python_model=IRGModel(), artifacts={CHECKPOINT_ARTIFACT: local},
+                code_paths=[str(Path(__file__).parent)], pip_requirements=requirements(), signature=signature,
+                registered_model_name=registered_model_name,
+            )
+            mlflow.set_tag("irg.registered_model", f"{registered_model_name}/{info.registered_model_version}")
+    client = MlflowClient()
+    return client.get_model_version(registered_model_name, str(info.registered_model_version))
+
+
+def _local_copy(uri: str, dest: str) -> str:
+    if not storage.is_remote(uri):
+        return uri
+    os.makedirs(dest)
+    filesystem, path = storage.arrow_filesystem(uri)
+    from pyarrow import fs as pafs
+
+    for info in filesystem.get_file_info(pafs.FileSelector(path)):
+        if info.is_file:
+            with filesystem.open_input_stream(info.path) as src, open(os.path.join(dest, info.base_name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return dest
+
+
+def promote(name: str, version: str, alias: str = "champion"):
+    """Point ``alias`` at ``version`` of ``name`` (the previous holder loses it)."""
+    client = MlflowClient()
+    client.get_model_version(name, version)  # a clear error when it does not exist
+    client.set_registered_model_alias(name, alias, version)
+    return client.get_model_version(name, version)
+
+
+def list_models(name: str | None = None) -> list[dict]:
+    """Registered models (or one), each version with its aliases, source run and status."""
+    client = MlflowClient()
+    models = [client.get_registered_model(name)] if name else client.search_registered_models()
+    rows = []
+    for model in models:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in client.search_model_versions(f"name = '{model.name}'"):
+            number = str(version.version)
+            rows.append({"name": model.name, "version": number, "aliases": sorted(aliases.get(number, [])),
+                         "run_id": version.run_id, "status": version.status,
+                         "created": pd.Timestamp(version.creation_timestamp, unit="ms").isoformat()})
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))

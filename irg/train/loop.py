@@ -1,0 +1,236 @@
+"""The Ray Train worker loop: DeepSpeed over the packed IRGL stream, with EMA, checkpoints and MLflow.
+
+Every worker runs :func:`train_loop_per_worker`. A checkpoint holds, per rank, DeepSpeed's model and
+optimizer partitions and the rank's EMA shard, plus ``irg_state.json`` (step, data position, MLflow
+run); after a lost worker Ray Train restarts the group and the loop resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from functools import reduce
+
+import ray.train
+import ray.train.torch
+import torch
+from tqdm import tqdm
+
+from irg import storage
+from irg.data.plan import DataPosition
+from irg.data.sequence import SpecialTokens
+from irg.model import load_pretrained
+from irg.pipeline import IRGPipeline
+from irg.train.config import TrainConfig
+from irg.train.data import WorkerBatches, all_gather_objects
+from irg.train.ema import ShardedEMA
+from irg.train.step import StepResult, peak_flops, train_step
+from irg.train.tracking import RunLogger, image_strip, tracking_uri
+
+ENGINE_TAG = "engine"
+STATE_FILE = "irg_state.json"
+EMA_DIR = "ema"
+FAULT_DRILL_MARKER = "fault_drill_done"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    position: DataPosition = None
+    mlflow_run_id: str | None = None
+    resumes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "position": self.position.to_dict(), "mlflow_run_id": self.mlflow_run_id,
+                "resumes": self.resumes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(d["step"], DataPosition.from_dict(d["position"]), d.get("mlflow_run_id"), d.get("resumes", 0))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = TrainConfig.from_dict(config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.data.seed * 10_007 + rank)  # flow noise and timesteps differ across ranks
+
+    pretrained = load_pretrained(cfg.model.checkpoint, device="cpu")
+    model = prepare_model(pretrained.model, cfg)
+    autoencoder = pretrained.autoencoder.to(device, cfg.model.torch_dtype).eval().requires_grad_(False)
+    engine = deepspeed_engine(model, cfg)
+    ema = ShardedEMA(engine.module, cfg.optim.ema_decay, rank, world)
+
+    state = restore(engine, ema, rank) or TrainState(0, DataPosition(), cfg.mlflow_run_id)
+    logger = RunLogger(tracking_uri(cfg.tracking), state.mlflow_run_id) if rank == 0 and state.mlflow_run_id else None
+    if logger:
+        logger.log_params(cfg.flat())
+        if state.step:
+            logger.set_tags({"irg.resumes": str(state.resumes)})
+
+    batches = WorkerBatches(cfg, SpecialTokens.from_tokenizer(pretrained.tokenizer), state.position, rank, world,
+                            device, pretrained.config.vit.patch_size)
+    peak = peak_flops(device, cfg.model.torch_dtype, cfg.tracking.peak_tflops)
+    progress = tqdm(total=cfg.run.max_steps, initial=state.step, desc=f"stage {cfg.stage}", disable=rank != 0,
+                    mininterval=5)
+    window: list[StepResult] = []
+    while state.step < cfg.run.max_steps:
+        fault_drill(cfg, state.step, rank, world)
+        packed = batches.next()
+        result = train_step(engine, autoencoder, packed.batch, pretrained.config, world, cfg.optim.ce_weight,
+                            cfg.optim.mse_weight, vit_trainable=not cfg.model.freeze_vit)
+        ema.update()
+        state.step += 1
+        window.append(result)
+        progress.update(1)
+        progress.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
+        if state.step % cfg.run.log_every == 0 or state.step == cfg.run.max_steps:
+            metrics = step_metrics(window, batches, world, peak, device)
+            window = []
+            if logger:
+                logger.log_metrics(metrics, state.step)
+        if state.step % cfg.run.checkpoint_every == 0 or state.step == cfg.run.max_steps:
+            state.position = reduce(DataPosition.merge, [
+                DataPosition.from_dict(p) for p in all_gather_objects(batches.position.to_dict(), world)])
+            save_checkpoint(engine, ema, state, rank, {"step": state.step, "loss": result.loss,
+                                                        "epoch": batches.epoch})
+            log_checkpoint_extras(cfg, ema, batches, pretrained, logger, state.step, world)
+    progress.close()
+
+
+def prepare_model(model, cfg: TrainConfig):
+    """Freeze what the config freezes, switch on activation checkpointing, set the flow shift."""
+    model.config.timestep_shift = cfg.model.timestep_shift
+    if cfg.model.freeze_vit:
+        model.vit_model.requires_grad_(False)
+    if cfg.model.freeze_und:
+        for name, param in model.language_model.named_parameters():
+            if "moe_gen" not in name:
+                param.requires_grad_(False)
+    model.language_model.model.gradient_checkpointing = cfg.model.activation_checkpointing
+    return model.train()
+
+
+def deepspeed_engine(model, cfg: TrainConfig):
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("every parameter is frozen: nothing to train")
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    warmup = max(cfg.optim.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=cfg.deepspeed.build(cfg.model, cfg.optim), dist_init_required=False)
+    return engine
+
+
+def step_metrics(window: list[StepResult], batches: WorkerBatches, world: int, peak: float, device) -> dict:
+    """Means over the steps since the last log; throughput and MFU summed over workers."""
+    last = window[-1]
+    totals = torch.tensor([sum(r.tokens for r in window), sum(r.flops for r in window),
+                           sum(r.seconds for r in window)], dtype=torch.float64, device=device)
+    seconds = totals[2].clone()
+    if world > 1:
+        torch.distributed.all_reduce(totals)
+        torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+    tokens, flops = totals[0].item(), totals[1].item()
+    return {
+        "loss": sum(r.loss for r in window) / len(window),
+        "loss_ce": sum(r.loss_ce for r in window) / len(window),
+        "loss_mse": sum(r.loss_mse for r in window) / len(window),
+        "grad_norm": last.grad_norm,
+        "lr": last.lr,
+        "tokens_per_s": tokens / seconds.item(),
+        "tokens_per_s_per_worker": tokens / seconds.item() / world,
+        "mfu": flops / seconds.item() / world / peak,
+        "epoch": batches.epoch,
+    }
+
+
+def save_checkpoint(engine, ema: ShardedEMA, state: TrainState, rank: int, metrics: dict) -> None:
+    """Every rank writes its part into a local folder; Ray Train merges them into one checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=ENGINE_TAG)
+        os.makedirs(os.path.join(tmp, EMA_DIR), exist_ok=True)
+        torch.save(ema.state_dict(), os.path.join(tmp, EMA_DIR, f"rank{rank:05d}.pt"))
+        if rank == 0:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(state.to_dict(), f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restore(engine, ema: ShardedEMA, rank: int) -> TrainState | None:
+    """The latest checkpoint's state, loaded into the engine and EMA; None on a fresh start.
+
+    Each rank downloads into its own folder: Ray's shared per-node download (``as_directory``) was
+    seen handing one rank a file another rank was still writing or already cleaning up.
+    """
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix=f"irg-restore-rank{rank}-") as folder:
+        checkpoint.to_directory(folder)
+        load_path, _ = engine.load_checkpoint(folder, tag=ENGINE_TAG)
+        if load_path is None:
+            raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under {ENGINE_TAG!r}")
+        ema.load_state_dict(torch.load(os.path.join(folder, EMA_DIR, f"rank{rank:05d}.pt"), weights_only=False))
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            state = TrainState.from_dict(json.load(f))
+    state.resumes += 1
+    return state
+
+
+def log_checkpoint_extras(cfg: TrainConfig, ema: ShardedEMA, batches: WorkerBatches, pretrained, logger, step: int,
+                          world: int) -> None:
+    """Data counts, the loss curve and a sample from the EMA weights (rank 0; the EMA gather is collective)."""
+    stats = reduce(lambda a, b: a.merge(b), all_gather_objects(batches.stats, world))
+    weights = ema.gather(dtype=cfg.model.torch_dtype) if cfg.tracking.sample_images else None
+    if logger is None:
+        return
+    logger.log_metrics({"data_rows_read": stats.read, "data_rows_used": stats.used,
+                        "data_rows_rejected": sum(stats.rejected.values())}, step)
+    logger.log_loss_curve()
+    if weights is not None:
+        logger.log_image(sample(weights, pretrained, cfg, ema.device), f"samples/step_{step:07d}.png")
+
+
+def sample(weights: dict, pretrained, cfg: TrainConfig, device: torch.device):
+    """The fixed prompt through every round, from the EMA weights, on rank 0's device in the training dtype
+    (a full copy next to the training state: for a 7B model in bf16, 29 GB of GPU memory)."""
+    from irg.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(pretrained.config)
+    model.load_state_dict({k: v.to(device) for k, v in weights.items()}, assign=True)
+    autoencoder = pretrained.autoencoder.to(device, cfg.model.torch_dtype)
+    pipe = IRGPipeline(model.eval(), autoencoder, pretrained.tokenizer)
+    t = cfg.tracking
+    out = pipe(t.sample_prompt, height=t.sample_size, width=t.sample_size, num_steps=t.sample_steps, seed=0,
+               max_think_tokens=t.sample_max_think_tokens, vae_transform=cfg.data.preprocess.vae_transform,
+               vit_transform=cfg.data.preprocess.vit_transform)
+    return image_strip(out.images)
+
+
+def fault_drill(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
+    """Kill the last worker once at ``run.fault_drill_step``: a real lost worker, to prove recovery."""
+    if cfg.run.fault_drill_step is None or step != cfg.run.fault_drill_step or rank != world - 1:
+        return
+    marker = storage.join(run_storage(cfg), cfg.run_name, FAULT_DRILL_MARKER)
+    if storage.exists(marker):
+        return
+    with storage.open_file(marker, "w") as f:
+        f.write(f"killed rank {rank} at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_storage(cfg: TrainConfig) -> str:
+    """Where Ray Train keeps the runs: configured, else ``s3://<bucket>/runs`` on the configured store."""
+    if cfg.run.storage:
+        return cfg.run.storage
+    return storage.StoreConfig.load().uri("runs")

@@ -1,0 +1,34 @@
+"""One IRGL stage on Ray Train + DeepSpeed.
+
+    ray job submit --working-dir . -- python jobs/train.py --stage 1 --config jobs/configs/tiny.yaml
+"""
+
+import argparse
+import json
+import logging
+
+import ray
+
+from irg.train import load_config, run_stage
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    parser.add_argument("--config", required=True, help="YAML file, e.g. jobs/configs/tiny.yaml")
+    parser.add_argument("--name", help="run name (default: run.name from the config); reuse it to resume")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set scaling.num_workers=16 (repeatable)")
+    args = parser.parse_args()
+    overrides = args.overrides + ([f"run.name={args.name}"] if args.name else [])
+    config = load_config(args.config, args.stage, overrides)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    ray.init()
+    result = run_stage(config)
+    print(json.dumps({"stage": result.stage, "mlflow_run_id": result.run_id, "model_uri": result.model_uri,
+                      "checkpoint": result.checkpoint_path, "metrics": result.metrics}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
