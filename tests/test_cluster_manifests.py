@@ -1,0 +1,591 @@
+"""Consistency of the cluster and infrastructure files (cluster/, infra/) with each other and with the repo.
+
+No cluster and no network: every YAML under cluster/ and infra/ is parsed (all documents) and checked
+for the mistakes that only show up once a job is submitted: a command naming a file that does not
+exist, versions that differ from the pins in pyproject.toml, GPU groups whose Ray resources do not
+match what the pods get, env vars taken from Secret keys that do not exist, a Service that does not
+reach its Deployment, an MLflow URL that the server would refuse.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST_DIRS = (ROOT / "cluster", ROOT / "infra")
+RAYJOB = ROOT / "cluster/kuberay/irgl-rayjob.yaml"
+AUTOSCALER = ROOT / "cluster/autoscaler/irgl-aws.yaml"
+MLFLOW = ROOT / "infra/mlflow/mlflow.yaml"
+DOCKERFILE = ROOT / "infra/docker/Dockerfile"
+MLFLOW_DOCKERFILE = ROOT / "infra/docker/mlflow.Dockerfile"
+GPU = "nvidia.com/gpu"
+
+# GPUs of the EC2 instance types a GPU node type may use (the autoscaler's {"GPU": n} must match).
+GPUS_PER_INSTANCE = {
+    "p5.48xlarge": 8,
+    "p5e.48xlarge": 8,
+    "p5en.48xlarge": 8,
+    "p4d.24xlarge": 8,
+    "p4de.24xlarge": 8,
+}
+# vCPUs of those types (what Ray detects when a node type does not set "CPU").
+CPUS_PER_INSTANCE = {
+    "p5.48xlarge": 192,
+    "p5e.48xlarge": 192,
+    "p5en.48xlarge": 192,
+    "p4d.24xlarge": 96,
+    "p4de.24xlarge": 96,
+}
+
+# Fields of the KubeRay ray.io/v1 types that we may write. An unknown (misspelt) field is dropped
+# silently by the API server's pruning, e.g. `shutdownAfterJobFinished: true` would keep the cluster.
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
+    "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
+    "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule",
+}
+RAYCLUSTER_SPEC_FIELDS = {
+    "headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions",
+    "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions", "upgradeStrategy",
+    "authOptions",
+}
+HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template", "resources", "labels"}
+WORKER_GROUP_FIELDS = {
+    "groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams", "template",
+    "scaleStrategy", "suspend", "idleTimeoutSeconds", "resources", "labels",
+}
+AUTOSCALER_OPTIONS_FIELDS = {
+    "resources", "image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "securityContext",
+    "idleTimeoutSeconds", "upscalingMode", "version",
+}
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _yaml_files() -> list[Path]:
+    return sorted(p for d in MANIFEST_DIRS for p in d.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def _load(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def _k8s_objects() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in _yaml_files() for d in _load(p) if isinstance(d, dict) and "kind" in d]
+
+
+def _of_kind(kind: str) -> list[tuple[Path, dict]]:
+    return [(p, d) for p, d in _k8s_objects() if d["kind"] == kind]
+
+
+def _only(kind: str, path: Path) -> dict:
+    objs = [d for p, d in _of_kind(kind) if p == path]
+    assert len(objs) == 1, f"expected one {kind} in {path.relative_to(ROOT)}, found {len(objs)}"
+    return objs[0]
+
+
+def _pins() -> dict[str, str]:
+    """Exact (==) pins of pyproject.toml's dependencies and optional dependencies, by distribution name."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
+    pins = {}
+    for req in reqs:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*==\s*([^\s;,]+)\s*", req)
+        if m:
+            pins[m.group(1).lower()] = m.group(2)
+    return pins
+
+
+def _requires_python_min() -> tuple[int, int]:
+    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    m = re.fullmatch(r">=\s*(\d+)\.(\d+)", spec.strip())
+    assert m, f"unexpected requires-python {spec!r}"
+    return int(m.group(1)), int(m.group(2))
+
+
+def _dockerfile(path: Path) -> dict:
+    """ARG defaults, the FROM image (ARGs substituted) and the last WORKDIR of a simple Dockerfile."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    args, image, workdir = {}, None, None
+    for line in text.splitlines():
+        line = line.strip()
+        if m := re.match(r"ARG\s+(\w+)=(\S+)", line):
+            args[m.group(1)] = m.group(2).strip("\"'")
+        elif m := re.match(r"FROM\s+(\S+)", line, re.IGNORECASE):
+            image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda v: args[v.group(1) or v.group(2)], m.group(1))
+        elif m := re.match(r"WORKDIR\s+(\S+)", line):
+            workdir = m.group(1)
+    return {"args": args, "image": image, "workdir": workdir, "text": text}
+
+
+# --- pods and containers -----------------------------------------------------------------------
+
+
+def _rayjob_pods(job: dict) -> list[tuple[str, dict]]:
+    """(label, pod spec) of the head, each worker group and the submitter of a RayJob."""
+    spec = job["spec"]
+    cluster = spec["rayClusterSpec"]
+    pods = [("head", cluster["headGroupSpec"]["template"]["spec"])]
+    pods += [(g["groupName"], g["template"]["spec"]) for g in cluster.get("workerGroupSpecs", [])]
+    if "submitterPodTemplate" in spec:
+        pods.append(("submitter", spec["submitterPodTemplate"]["spec"]))
+    return pods
+
+
+def _pod_specs() -> list[tuple[str, str, dict]]:
+    """(where, namespace, pod spec) of every pod the manifests create."""
+    out = []
+    for path, obj in _k8s_objects():
+        ns = obj["metadata"].get("namespace", "default")
+        where = f"{path.relative_to(ROOT)}: {obj['kind']} {obj['metadata']['name']}"
+        if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            out.append((where, ns, obj["spec"]["template"]["spec"]))
+        elif obj["kind"] == "RayJob":
+            out += [(f"{where} ({label})", ns, pod) for label, pod in _rayjob_pods(obj)]
+        elif obj["kind"] == "Pod":
+            out.append((where, ns, obj["spec"]))
+    return out
+
+
+def _containers(pod: dict) -> list[dict]:
+    return list(pod.get("containers", [])) + list(pod.get("initContainers", []))
+
+
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(quantity) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(quantity))
+    assert m and m.group(2) in _UNITS, f"cannot read quantity {quantity!r}"
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _entrypoint_argv(command: str) -> list[str]:
+    """The `python SCRIPT ...` part of a command line (after `--` when it is a `ray job submit`)."""
+    argv = shlex.split(command)
+    if "--" in argv:
+        argv = argv[argv.index("--") + 1 :]
+    return argv
+
+
+def _assert_job_command(argv: list[str], where: str) -> None:
+    assert argv[:1] == ["python"] and len(argv) >= 2, f"{where}: expected `python SCRIPT ...`, got {argv}"
+    script = ROOT / argv[1]
+    assert argv[1].startswith("jobs/") and script.is_file(), f"{where}: {argv[1]} is not a file in the repository"
+    assert "--config" in argv, f"{where}: no --config in {argv}"
+    config = argv[argv.index("--config") + 1]
+    assert (ROOT / config).is_file(), f"{where}: config {config} is not a file in the repository"
+
+
+def _stage_configs(argv: list[str]) -> list:
+    """The TrainConfig of each stage a job command runs, as the job itself loads it (config file,
+    its stages entry, then the --set and --name overrides)."""
+    from irg.train.config import load_config
+
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    if "--name" in argv:
+        overrides.append(f"run.name={argv[argv.index('--name') + 1]}")
+    stages = [int(argv[argv.index("--stage") + 1])] if "--stage" in argv else [1, 2]
+    config = ROOT / argv[argv.index("--config") + 1]
+    return [load_config(config, stage, overrides) for stage in stages]
+
+
+def _assert_training_fits(argv: list[str], nodes: list[tuple[int, float, int]], where: str) -> None:
+    """Each stage's Ray Train workers fit the GPU nodes, given as (GPUs, CPUs, max count) per node type."""
+    for cfg in _stage_configs(argv):
+        scaling = cfg.scaling
+        stage = f"{where}, stage {cfg.stage}"
+        assert scaling.use_gpu, f"{stage}: scaling.use_gpu is false on a GPU cluster"
+        gpus = float(scaling.resources_per_worker.get("GPU", 1))
+        cpus = float(scaling.resources_per_worker.get("CPU", 1))
+        # Workers a node holds: limited by its GPUs and by its CPUs.
+        per_node = [(min(int(g // gpus), int(c // cpus)), count) for g, c, count in nodes if g]
+        capacity = sum(n * count for n, count in per_node)
+        assert 1 <= scaling.num_workers <= capacity, (
+            f"{stage}: {scaling.num_workers} workers x {gpus:g} GPU, {cpus:g} CPU; the GPU nodes hold {capacity}"
+        )
+        # The cluster sets MLFLOW_TRACKING_URI; a tracking_uri in the config would override it.
+        assert cfg.tracking.tracking_uri is None, f"{stage}: tracking.tracking_uri overrides the cluster's MLflow"
+
+
+def _header_commands(path: Path) -> list[str]:
+    """Shell commands in a file's leading comment block (`#   cmd \\` continuations joined)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    commands, current = [], ""
+    for line in lines:
+        current += line
+        if current.endswith("\\"):
+            current = current[:-1].rstrip() + " "
+        else:
+            commands.append(current)
+            current = ""
+    return [c for c in commands if c.startswith("ray ")]
+
+
+# --- tests: files --------------------------------------------------------------------------------
+
+
+def test_every_manifest_parses():
+    files = _yaml_files()
+    for expected in (RAYJOB, AUTOSCALER, MLFLOW, ROOT / "infra/k8s/object-store-secret.example.yaml"):
+        assert expected in files, f"missing {expected.relative_to(ROOT)}"
+    for path in files:
+        docs = _load(path)
+        assert docs, f"{path.relative_to(ROOT)} has no YAML document"
+        for doc in docs:
+            assert isinstance(doc, dict), f"{path.relative_to(ROOT)}: a document is not a mapping"
+            if "kind" in doc:
+                assert doc.get("apiVersion") and doc.get("metadata", {}).get("name"), (
+                    f"{path.relative_to(ROOT)}: {doc['kind']} without apiVersion or metadata.name"
+                )
+
+
+def test_versions_match_pyproject_pins():
+    pins = _pins()
+    job = _only("RayJob", RAYJOB)
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == pins["ray"], "rayVersion differs from the ray pin"
+
+    image = _dockerfile(DOCKERFILE)
+    repo, _, tag = image["image"].partition(":")
+    assert repo == "rayproject/ray" and tag.startswith(pins["ray"] + "-"), (
+        f"base image {image['image']} is not Ray {pins['ray']}"
+    )
+    m = re.search(r"-py(\d)(\d+)", tag)
+    assert m and (int(m.group(1)), int(m.group(2))) >= _requires_python_min(), f"{tag}: Python below requires-python"
+    assert "gpu" in tag or "-cu" in tag, f"{tag} is not a CUDA image"
+    assert image["args"]["TORCH_VERSION"] == pins["torch"], "Dockerfile torch differs from the torch pin"
+    assert "pip install -e '.[cluster]'" in image["text"], "the image does not install the repository"
+    assert re.search(r"RUN .*--index-url \"?\$\{?TORCH_INDEX_URL", image["text"]), "torch is not from TORCH_INDEX_URL"
+
+    # The tracking server runs the clients' MLflow version (client/server protocol and DB schema).
+    server = _dockerfile(MLFLOW_DOCKERFILE)
+    assert server["args"]["MLFLOW_VERSION"] == pins["mlflow"]
+    deployment = _only("Deployment", MLFLOW)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"].rpartition(":")[2] == pins["mlflow"], "MLflow image tag differs from the mlflow pin"
+
+
+def test_one_image_for_every_ray_node():
+    job = _only("RayJob", RAYJOB)
+    images = {c["image"] for _, pod in _rayjob_pods(job) for c in pod["containers"]}
+    assert len(images) == 1, f"Ray pods use different images: {images}"
+    docker = yaml.safe_load(AUTOSCALER.read_text())["docker"]
+    launcher = {docker["image"], docker.get("head_image", docker["image"]), docker.get("worker_image", docker["image"])}
+    assert launcher == images, f"the cluster launcher uses {launcher}, the RayJob {images}"
+
+
+# --- tests: the RayJob ---------------------------------------------------------------------------
+
+
+def test_rayjob_fields_are_known_to_kuberay():
+    job = _only("RayJob", RAYJOB)
+    spec = job["spec"]
+    assert set(spec) <= RAYJOB_SPEC_FIELDS, f"unknown RayJob fields {set(spec) - RAYJOB_SPEC_FIELDS}"
+    cluster = spec["rayClusterSpec"]
+    assert set(cluster) <= RAYCLUSTER_SPEC_FIELDS, f"unknown fields {set(cluster) - RAYCLUSTER_SPEC_FIELDS}"
+    assert set(cluster["headGroupSpec"]) <= HEAD_GROUP_FIELDS
+    for group in cluster["workerGroupSpecs"]:
+        unknown = set(group) - WORKER_GROUP_FIELDS
+        assert not unknown, f"{group['groupName']}: unknown fields {unknown}"
+    assert set(cluster.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS_FIELDS
+    assert spec["shutdownAfterJobFinishes"] is True and isinstance(spec["ttlSecondsAfterFinished"], int)
+    assert cluster["enableInTreeAutoscaling"] is True
+    # KubeRay passes rayStartParams to `ray start` as strings; a YAML number would be rejected.
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for key, value in group.get("rayStartParams", {}).items():
+            assert isinstance(value, str), f"rayStartParams {key}: {value!r} must be a string"
+    names = [g["groupName"] for g in cluster["workerGroupSpecs"]]
+    assert len(names) == len(set(names)), f"duplicate worker group names {names}"
+
+
+def test_rayjob_entrypoint_runs_repo_files_from_the_repo_root():
+    job = _only("RayJob", RAYJOB)
+    argv = _entrypoint_argv(job["spec"]["entrypoint"])
+    _assert_job_command(argv, "RayJob entrypoint")
+    # Relative paths resolve against the job's working_dir: the repository inside the image.
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == _dockerfile(DOCKERFILE)["workdir"], (
+        "runtimeEnvYAML working_dir is not where the Dockerfile puts the repository"
+    )
+    # A local working_dir is uploaded by the submitter pod; HTTPMode has none to upload it.
+    assert job["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode"
+
+
+def test_rayjob_head_runs_no_tasks():
+    head = _only("RayJob", RAYJOB)["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"].get("num-cpus") == "0"
+    assert head["rayStartParams"].get("num-gpus", "0") == "0"
+    for container in head["template"]["spec"]["containers"]:
+        assert GPU not in container.get("resources", {}).get("limits", {}), "the head requests a GPU"
+
+
+def test_rayjob_gpu_groups_match_their_ray_resources():
+    cluster = _only("RayJob", RAYJOB)["spec"]["rayClusterSpec"]
+    gpu_groups = 0
+    for group in cluster["workerGroupSpecs"]:
+        name, pod, params = group["groupName"], group["template"]["spec"], group.get("rayStartParams", {})
+        ray_container = pod["containers"][0]  # KubeRay runs Ray in the first container
+        limits = ray_container.get("resources", {}).get("limits", {})
+        requests = ray_container.get("resources", {}).get("requests", {})
+        gpus = int(limits.get(GPU, 0))
+        assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], (
+            f"{name}: replicas outside [minReplicas, maxReplicas]"
+        )
+        if not gpus:
+            assert GPU not in requests, f"{name}: GPU requested but not limited"
+            assert params.get("num-gpus", "0") == "0", f"{name}: num-gpus without GPUs in the pod"
+            continue
+        gpu_groups += 1
+        # Extended resources: a request, if given, must equal the limit (else the pod is rejected).
+        assert int(requests.get(GPU, gpus)) == gpus, f"{name}: {GPU} request differs from the limit"
+        assert int(params.get("num-gpus", gpus)) == gpus, f"{name}: num-gpus differs from {GPU}"
+        assert any(t.get("key") == GPU for t in pod.get("tolerations", [])), f"{name}: no toleration for {GPU} taints"
+        # /dev/shm: Ray's object store and NCCL need far more than the container default of 64 MiB.
+        mounts = {m["mountPath"]: m["name"] for m in ray_container.get("volumeMounts", [])}
+        assert "/dev/shm" in mounts, f"{name}: no /dev/shm volume"
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mounts["/dev/shm"]]
+        assert volume["emptyDir"]["medium"] == "Memory", f"{name}: /dev/shm is not a memory emptyDir"
+        shm = _bytes(volume["emptyDir"]["sizeLimit"])
+        assert 2**30 <= shm < _bytes(limits["memory"]), f"{name}: /dev/shm must be >= 1Gi and below the memory limit"
+    assert gpu_groups >= 1, "no worker group requests GPUs"
+
+
+def _cpus(quantity) -> float:
+    q = str(quantity)
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def test_rayjob_training_workers_fit_the_gpu_groups():
+    job = _only("RayJob", RAYJOB)
+    nodes = []
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        params = group.get("rayStartParams", {})
+        cpus = _cpus(params.get("num-cpus", limits["cpu"]))
+        nodes.append((int(limits.get(GPU, 0)), cpus, group["maxReplicas"]))
+    _assert_training_fits(_entrypoint_argv(job["spec"]["entrypoint"]), nodes, "RayJob entrypoint")
+
+
+# --- tests: secrets, env, MLflow -----------------------------------------------------------------
+
+
+def _example_secrets() -> dict[tuple[str, str], set[str]]:
+    out = {}
+    for path, obj in _of_kind("Secret"):
+        assert path.name.endswith(".example.yaml"), f"{path.relative_to(ROOT)}: Secrets belong in *.example.yaml"
+        keys = set(obj.get("data") or {}) | set(obj.get("stringData") or {})
+        out[(obj["metadata"].get("namespace", "default"), obj["metadata"]["name"])] = keys
+    return out
+
+
+def test_example_secrets_hold_no_real_keys():
+    for path, obj in _of_kind("Secret"):
+        values = {**(obj.get("data") or {}), **(obj.get("stringData") or {})}
+        for key, value in values.items():
+            if any(word in key.upper() for word in ("SECRET", "ACCESS_KEY", "PASSWORD", "TOKEN")):
+                assert "REPLACE_ME" in str(value), f"{path.relative_to(ROOT)}: {key} is not a placeholder"
+        assert "never commit" in path.read_text().lower(), f"{path.relative_to(ROOT)}: no warning against committing"
+
+
+def test_env_from_secrets_names_keys_of_the_example_secrets():
+    secrets = _example_secrets()
+    assert ("irg", "irg-object-store") in secrets
+    assert secrets[("irg", "irg-object-store")] >= {
+        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "IRG_BUCKET",
+    }, "the object-store Secret lacks a variable irg.storage.StoreConfig reads"
+    refs = 0
+    for where, ns, pod in _pod_specs():
+        for container in _containers(pod):
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref is None:
+                    continue
+                refs += 1
+                # An optional ref to a missing key silently leaves the variable unset: check those too.
+                assert (ns, ref["name"]) in secrets, f"{where}: {env['name']} from unknown Secret {ns}/{ref['name']}"
+                assert ref["key"] in secrets[(ns, ref["name"])], (
+                    f"{where}: {env['name']} from key {ref['key']!r}, not in Secret {ref['name']}"
+                )
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    refs += 1
+                    assert (ns, source["secretRef"]["name"]) in secrets, f"{where}: envFrom unknown Secret"
+    assert refs, "no container takes anything from a Secret"
+
+
+def test_ray_pods_get_the_object_store_and_mlflow():
+    for label, pod in _rayjob_pods(_only("RayJob", RAYJOB)):
+        if label == "submitter":
+            continue
+        names = {e["name"] for e in pod["containers"][0].get("env", [])}
+        missing = {"AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_DEFAULT_REGION", "IRG_BUCKET", "MLFLOW_TRACKING_URI"} - names
+        assert not missing, f"RayJob {label}: no {sorted(missing)} in the Ray container's env"
+
+
+def test_dependent_env_references_are_defined():
+    """Kubernetes expands $(VAR) in command, args and env values only for variables the container
+    defines (in env values: earlier in the list); anything else stays literally "$(VAR)"."""
+    for where, _, pod in _pod_specs():
+        for container in _containers(pod):
+            env = container.get("env", [])
+            names = [e["name"] for e in env]
+            for text in [*container.get("command", []), *container.get("args", [])]:
+                for var in re.findall(r"(?<!\$)\$\((\w+)\)", str(text)):
+                    assert var in names, f"{where}: {text!r} uses $({var}), which the container does not define"
+            for i, e in enumerate(env):
+                for var in re.findall(r"(?<!\$)\$\((\w+)\)", str(e.get("value", ""))):
+                    assert var in names[:i], f"{where}: {e['name']} uses $({var}) before it is defined"
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == name:
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def test_mlflow_service_reaches_the_server_port():
+    deployment, service = _only("Deployment", MLFLOW), _only("Service", MLFLOW)
+    template = deployment["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items(), "Deployment selects no pod"
+    assert service["spec"]["selector"].items() <= labels.items(), "Service selector matches no MLflow pod"
+    assert service["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    (container,) = template["spec"]["containers"]
+    ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
+    args = [*container.get("command", []), *container.get("args", [])]
+    assert args[:2] == ["mlflow", "server"]
+    server_port = int(_flag(args, "--port") or 5000)
+    assert server_port in ports.values(), f"mlflow server listens on {server_port}, not a containerPort {ports}"
+    for port in service["spec"]["ports"]:
+        target = port.get("targetPort", port["port"])
+        target = ports.get(target) if isinstance(target, str) else target
+        assert target == server_port, f"Service port {port['port']} targets {port.get('targetPort')}, not {server_port}"
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/health"
+    probe_port = ports.get(probe["port"]) if isinstance(probe["port"], str) else probe["port"]
+    assert probe_port == server_port, "the readiness probe does not hit the server's port"
+    # Run data in PostgreSQL from a Secret, artifacts proxied into the object store.
+    backend = _flag(args, "--backend-store-uri")
+    assert backend and backend.startswith("$("), "--backend-store-uri must come from the environment (a Secret)"
+    assert (_flag(args, "--artifacts-destination") or "").startswith("s3://")
+    assert "--no-serve-artifacts" not in args
+
+
+def test_tracking_uri_points_at_the_mlflow_service_and_is_allowed():
+    from mlflow.server.security_utils import get_default_allowed_hosts, is_allowed_host_header
+
+    services = {(obj["metadata"]["namespace"], obj["metadata"]["name"]): obj for _, obj in _of_kind("Service")}
+    (container,) = _only("Deployment", MLFLOW)["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    allowed_hosts = env.get("MLFLOW_SERVER_ALLOWED_HOSTS")
+    allowed = [h.strip() for h in allowed_hosts.split(",")] if allowed_hosts else get_default_allowed_hosts()
+    seen = 0
+    for where, ns, pod in _pod_specs():
+        for c in _containers(pod):
+            for e in c.get("env", []):
+                if e["name"] != "MLFLOW_TRACKING_URI":
+                    continue
+                seen += 1
+                url = urlsplit(e["value"])
+                assert url.scheme == "http" and url.port, f"{where}: {e['value']} is not http://host:port"
+                parts = url.hostname.split(".")
+                assert len(parts) in (1, 2) or parts[2:] == ["svc", "cluster", "local"] or parts[2:] == ["svc"], (
+                    f"{where}: {url.hostname} is not an in-cluster Service name"
+                )
+                key = (parts[1] if len(parts) > 1 else ns, parts[0])
+                assert key in services, f"{where}: no Service {key[1]} in namespace {key[0]}"
+                assert url.port in [p["port"] for p in services[key]["spec"]["ports"]], f"{where}: port {url.port}"
+                # The server checks the Host header; the default allows only localhost and private IPs.
+                assert is_allowed_host_header(allowed, url.netloc), f"{where}: MLflow would refuse Host {url.netloc}"
+    assert seen, "no pod sets MLFLOW_TRACKING_URI"
+
+
+# --- tests: the Ray cluster launcher config ------------------------------------------------------
+
+
+def test_autoscaler_config_is_valid_for_ray():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(AUTOSCALER.read_text())
+    assert config["provider"]["type"] == "aws" and config["provider"]["region"]
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_autoscaler_node_types():
+    config = yaml.safe_load(AUTOSCALER.read_text())
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, "tasks would be scheduled on the head"
+    assert not head["resources"].get("GPU")
+    gpu_types = 0
+    for name, node in types.items():
+        if name == config["head_node_type"]:
+            continue
+        instance = node["node_config"]["InstanceType"]
+        gpus = node.get("resources", {}).get("GPU", 0)
+        if instance in GPUS_PER_INSTANCE or gpus:
+            gpu_types += 1
+            expected = GPUS_PER_INSTANCE.get(instance)
+            assert gpus == expected, f"{name}: resources GPU {gpus}, but {instance} has {expected} GPUs"
+        assert 0 <= node.get("min_workers", 0) <= node["max_workers"]
+    assert gpu_types >= 1, "no GPU node type"
+    total = sum(node["max_workers"] for name, node in types.items() if name != config["head_node_type"])
+    assert total <= config["max_workers"], "the cluster's max_workers stops the node types reaching their maxima"
+
+
+def test_autoscaler_installs_the_mounted_repo():
+    config = yaml.safe_load(AUTOSCALER.read_text())
+    mounts = config["file_mounts"]
+    repo_dirs = [remote for remote, local in mounts.items() if local in (".", "./")]
+    assert len(repo_dirs) == 1, f"file_mounts should mount the repository ('.') once: {mounts}"
+    (repo_dir,) = repo_dirs
+    assert repo_dir == _dockerfile(DOCKERFILE)["workdir"], "the repository mount is not where the image has it"
+    commands = " && ".join(config["setup_commands"])
+    assert f"cd {repo_dir}" in commands and "pip install -e '.[cluster]'" in commands, (
+        "setup_commands do not install the mounted repository"
+    )
+    assert any("ray start --head" in c for c in config["head_start_ray_commands"])
+    assert any("ray start --address" in c for c in config["worker_start_ray_commands"])
+
+
+def test_autoscaler_header_commands_reference_repo_files():
+    commands = _header_commands(AUTOSCALER)
+    ups = [c for c in commands if c.startswith("ray up ")]
+    assert ups and all(shlex.split(c)[2] == str(AUTOSCALER.relative_to(ROOT)) for c in ups), ups
+    submits = [c for c in commands if c.startswith("ray job submit ")]
+    assert submits, "the header shows no `ray job submit`"
+    config = yaml.safe_load(AUTOSCALER.read_text())
+    nodes = [
+        (
+            node["resources"].get("GPU", 0),
+            node["resources"].get("CPU", CPUS_PER_INSTANCE.get(node["node_config"]["InstanceType"], 0)),
+            node.get("max_workers", 0),
+        )
+        for node in config["available_node_types"].values()
+    ]
+    for command in submits:
+        argv = shlex.split(command)
+        assert argv[argv.index("--working-dir") + 1] == ".", "jobs must be submitted from the repository root"
+        job = _entrypoint_argv(command)
+        _assert_job_command(job, "autoscaler header")
+        _assert_training_fits(job, nodes, "autoscaler header")
