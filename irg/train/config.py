@@ -201,9 +201,20 @@ def load_config(path: str | os.PathLike, stage: int, overrides: list[str] = ()) 
         node[leaf] = yaml.safe_load(value)
     merged["stage"] = stage
     try:
-        return TrainConfig.from_dict(merged)
+        config = TrainConfig.from_dict(merged)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
+    # Local paths are relative to where the job starts; Ray Train runs workers in another directory.
+    config.model.checkpoint = _absolute(config.model.checkpoint)
+    config.data.root = _absolute(config.data.root)
+    config.run.storage = _absolute(config.run.storage)
+    return config
+
+
+def _absolute(path: str | None) -> str | None:
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(path)
 
 
 def _merge(base: dict, override: dict) -> dict:
