@@ -131,3 +131,18 @@ def test_the_flop_count_matches_the_model_it_describes():
     vit_tokens = batch.packed_vit_tokens.shape[0]
     vit_attention = 4 * c.vit.num_hidden_layers * c.vit.hidden_size * sum(n * n for n in batch.vit_token_seqlens.tolist())
     assert vit_forward == pytest.approx(2 * vit_weights * vit_tokens + vit_attention)
+
+
+def test_freezing_options_leave_only_the_chosen_parts_trainable():
+    from irg.train.loop import prepare_model
+
+    config = load_config(TINY_CONFIG, 1, ["model.freeze_vit=true", "model.freeze_und=true",
+                                          "model.activation_checkpointing=true", "model.timestep_shift=3.0"])
+    model = prepare_model(load_pretrained(FIXTURE_DIR).model, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("vit_model.") for n in trainable)
+    llm = {n for n in trainable if n.startswith("language_model.")}
+    assert llm and all("moe_gen" in n for n in llm)  # only the generation expert of the LLM
+    assert "vae2llm.weight" in trainable and "connector.fc1.weight" in trainable
+    assert model.language_model.model.gradient_checkpointing and model.training
+    assert model.config.timestep_shift == 3.0
