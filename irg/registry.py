@@ -39,7 +39,8 @@ class IRGModel(mlflow.pyfunc.PythonModel):
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.pipe = IRGPipeline.from_pretrained(context.artifacts[CHECKPOINT_ARTIFACT], device=device, dtype=dtype)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        # (The DataFrame hint tells MLflow to validate against the logged signature, not the hints.)
         if isinstance(model_input, pd.DataFrame):
             prompts = [str(p) for p in model_input["prompt"]]
         elif isinstance(model_input, str):

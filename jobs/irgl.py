@@ -10,10 +10,9 @@ off continues from its latest checkpoint, and the MLflow runs continue.
 import argparse
 import json
 import logging
+import sys
 
-import ray
-
-from irg.train import load_config, run_irgl
+from irg.train import INPUT_ERRORS, load_config, run_irgl
 
 
 def main() -> None:
@@ -25,11 +24,17 @@ def main() -> None:
     parser.add_argument("--no-register", action="store_true", help="do not register the final model")
     args = parser.parse_args()
     overrides = args.overrides + ([f"run.name={args.name}"] if args.name else [])
-    configs = {stage: load_config(args.config, stage, overrides) for stage in (1, 2)}
+    try:
+        configs = {stage: load_config(args.config, stage, overrides) for stage in (1, 2)}
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ray.init()
-    results, version = run_irgl(configs, job_name=configs[1].run.name, register=not args.no_register)
+    try:  # Ray starts (or, in a submitted job, connects) when the trainer runs, after the checks
+        results, version = run_irgl(configs, job_name=configs[1].run.name, register=not args.no_register)
+    except INPUT_ERRORS as e:
+        print(f"irgl: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps({
         "stages": {s: {"mlflow_run_id": r.run_id, "model_uri": r.model_uri, "metrics": r.metrics}
                    for s, r in results.items()},

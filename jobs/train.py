@@ -6,10 +6,9 @@
 import argparse
 import json
 import logging
+import sys
 
-import ray
-
-from irg.train import load_config, run_stage
+from irg.train import INPUT_ERRORS, load_config, run_stage
 
 
 def main() -> None:
@@ -21,11 +20,17 @@ def main() -> None:
                         help="override a setting, e.g. --set scaling.num_workers=16 (repeatable)")
     args = parser.parse_args()
     overrides = args.overrides + ([f"run.name={args.name}"] if args.name else [])
-    config = load_config(args.config, args.stage, overrides)
+    try:
+        config = load_config(args.config, args.stage, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ray.init()
-    result = run_stage(config)
+    try:  # Ray starts (or, in a submitted job, connects) when the trainer runs, after the checks
+        result = run_stage(config)
+    except INPUT_ERRORS as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps({"stage": result.stage, "mlflow_run_id": result.run_id, "model_uri": result.model_uri,
                       "checkpoint": result.checkpoint_path, "metrics": result.metrics}, indent=2))
 

@@ -1,5 +1,7 @@
 """Training pieces without a cluster: config files, the sharded EMA, loss reduction, idle branches, FLOPs."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,20 @@ def test_freezing_options_leave_only_the_chosen_parts_trainable():
     assert "vae2llm.weight" in trainable and "connector.fc1.weight" in trainable
     assert model.language_model.model.gradient_checkpointing and model.training
     assert model.config.timestep_shift == 3.0
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.root=/nonexistent/irgl", "no rows to train on"),
+    ("model.checkpoint=/nonexistent/ckpt", "has no llm_config.json"),
+    ("optim.learnin_rate=1", "unknown setting optim.learnin_rate"),
+])
+def test_the_job_refuses_bad_input_before_starting_a_cluster(setting, message, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "IRG_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    done = subprocess.run([sys.executable, "jobs/train.py", "--stage", "1", "--config", TINY_CONFIG,
+                           "--set", f"run.storage={tmp_path}/runs", "--set", setting],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr

@@ -77,6 +77,9 @@ class IRGLData:
         if problems:
             raise DataPlanError("; ".join(f"{i.kind} at {i.location}: {i.detail}" for i in problems))
         self.available = rows_per_mode(self.row_groups)
+        if not any(self.available.get(m, 0) for m in modes):
+            found = "; ".join(f"{i.kind} at {i.location}" for i in self.issues[:6])
+            raise DataPlanError(f"{config.root}: no rows to train on in modes {modes}" + (f" ({found})" if found else ""))
         self.quota = epoch_quota(self.available, config.weights, config.epoch_rows)
 
     def dataset(self, epoch: int = 0, position: DataPosition | None = None) -> ray.data.Dataset:

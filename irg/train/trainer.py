@@ -16,7 +16,10 @@ from mlflow import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from irg import registry, storage
+from irg.data.stream import IRGLData
+from irg.model.checkpoint import read_config
 from irg.train.config import TrainConfig
+from irg.train.data import stream_config
 from irg.train.export import export_checkpoint
 from irg.train.loop import run_storage, train_loop_per_worker
 from irg.train.tracking import configure, experiment_id, find_or_create_run
@@ -63,14 +66,23 @@ def build_trainer(cfg: TrainConfig, store: storage.StoreConfig | None = None) ->
     )
 
 
+def preflight(cfg: TrainConfig, store: storage.StoreConfig | None) -> dict:
+    """Fail before any worker starts (and before Ray Train retries a hopeless run): the checkpoint's
+    configuration must read and the data must plan an epoch. Returns the data summary."""
+    read_config(cfg.model.checkpoint)
+    return IRGLData(stream_config(cfg), store).summary()
+
+
 def run_stage(cfg: TrainConfig, parent_run_id: str | None = None) -> StageResult:
     """Train one stage to ``run.max_steps`` (resuming if it ran before), then export its EMA weights."""
     store = store_config()
+    summary = preflight(cfg, store)
     client = MlflowClient(configure(cfg.tracking, store))
     experiment = experiment_id(client, cfg.tracking, store)
     run_id = find_or_create_run(client, experiment, cfg.run_name, parent_run_id,
                                 tags={"irg.stage": str(cfg.stage), "irg.base_model": cfg.model.checkpoint})
     cfg = dataclasses.replace(cfg, mlflow_run_id=run_id, mlflow_parent_run_id=parent_run_id)
+    client.log_dict(run_id, summary, "data_summary.json")
     log.info("stage %d: MLflow run %s, checkpoints in %s/%s", cfg.stage, run_id, run_storage(cfg), cfg.run_name)
     try:
         result = build_trainer(cfg, store).fit()
