@@ -88,8 +88,11 @@ def test_stage1_learns_and_survives_a_killed_worker(stack, job):
     assert job["results"][1].metrics["step"] == STAGE1_STEPS
     steps_logged = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert len(steps_logged) > STAGE1_STEPS  # steps 11..15 ran twice: before the kill and after the resume
-    for metric in ("loss_ce", "loss_mse", "lr", "grad_norm", "tokens_per_s", "mfu"):
+    for metric in ("lr", "grad_norm", "tokens_per_s", "mfu"):
         assert len(history(client, run_id, metric)) == STAGE1_STEPS, metric
+    for metric in ("loss_ce", "loss_mse"):  # absent only for a step where no worker had such a token
+        values = history(client, run_id, metric)
+        assert len(values) >= STAGE1_STEPS - 3 and min(values.values()) > 0, (metric, values)
     assert 0 < run.data.metrics["mfu"] < 1.5 and run.data.metrics["tokens_per_s"] > 0
     assert history(client, run_id, "lr")[1] == pytest.approx(1e-3 / 5)  # warm-up
     assert history(client, run_id, "lr")[10] == pytest.approx(1e-3)

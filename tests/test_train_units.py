@@ -103,7 +103,8 @@ def test_a_text_only_batch_still_gives_every_trainable_parameter_a_gradient():
 
     out = model(batch, cover_idle_branches=True)
     assert out.idle_branches.item() == 0.0
-    loss, _ = reduce_losses(out, 1, 1.0, 1.0, torch.device("cpu"))
+    loss, (ce, mse) = reduce_losses(out, 1, 1.0, 1.0, torch.device("cpu"))
+    assert ce > 0 and mse is None  # no latent token: no MSE value at all, rather than a fake 0
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing

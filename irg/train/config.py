@@ -68,6 +68,7 @@ class DataSettings:
     max_tokens_per_sample: int = 16384
     preprocess: DataConfig = field(default_factory=DataConfig)
     epoch_rows: int | None = None
+    shuffle_buffer: int = 256  # records each worker mixes locally: units are whole row groups of one mode
     seed: int = 0
     prepare_concurrency: int = 2  # Ray Data actors decoding and tokenising
     prepare_cpus: float = 1.0  # CPUs each of them reserves

@@ -78,8 +78,10 @@ class WorkerBatches:
         epoch, split = self._scatter_split(position)
         if epoch != position.epoch:
             position = DataPosition(epoch)
+        shuffle_seed = (self.config.data.seed * 100_003 + epoch) * 1_009 + self.rank
+        records = iter_records(split, self.config.data.shuffle_buffer, seed=shuffle_seed)
         self.packer = PackedBatches(
-            iter_records(split), self.special, self.config.data.expected_tokens, self.config.data.max_tokens,
+            records, self.special, self.config.data.expected_tokens, self.config.data.max_tokens,
             self.config.data.mandatory, vit_patch_size=self.vit_patch_size,
             position=DataPosition(position.epoch, set(position.consumed)),
         )

@@ -140,10 +140,8 @@ def step_metrics(window: list[StepResult], batches: WorkerBatches, world: int, p
         torch.distributed.all_reduce(totals)
         torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
     tokens, flops = totals[0].item(), totals[1].item()
-    return {
+    metrics = {
         "loss": sum(r.loss for r in window) / len(window),
-        "loss_ce": sum(r.loss_ce for r in window) / len(window),
-        "loss_mse": sum(r.loss_mse for r in window) / len(window),
         "grad_norm": last.grad_norm,
         "lr": last.lr,
         "tokens_per_s": tokens / seconds.item(),
@@ -151,6 +149,11 @@ def step_metrics(window: list[StepResult], batches: WorkerBatches, world: int, p
         "mfu": flops / seconds.item() / world / peak,
         "epoch": batches.epoch,
     }
+    for name in ("loss_ce", "loss_mse"):  # a step without such tokens anywhere has no value, not 0
+        values = [getattr(r, name) for r in window if getattr(r, name) is not None]
+        if values:
+            metrics[name] = sum(values) / len(values)
+    return metrics
 
 
 def save_checkpoint(engine, ema: ShardedEMA, state: TrainState, rank: int, metrics: dict) -> None:

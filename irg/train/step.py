@@ -21,8 +21,8 @@ GPU_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "
 @dataclass
 class StepResult:
     loss: float
-    loss_ce: float  # mean over every CE token of every rank
-    loss_mse: float  # mean over every noised latent token of every rank
+    loss_ce: float | None  # mean over every CE token of every rank; None when no rank had one
+    loss_mse: float | None  # mean over every noised latent token of every rank; None when no rank had one
     grad_norm: float
     lr: float  # the learning rate this step used
     tokens: int  # this worker's packed tokens
@@ -33,7 +33,7 @@ class StepResult:
 def reduce_losses(out, world_size: int, ce_weight: float, mse_weight: float, device) -> tuple[torch.Tensor, list[float]]:
     """The reference reduction: token-weighted means over all ranks, scaled so that DeepSpeed's
     gradient averaging over ranks turns them into the global means. Returns the loss to backpropagate
-    and the global (ce, mse) means for logging."""
+    and the global (ce, mse) means for logging (None where no rank had such a token)."""
     zero = torch.zeros((), device=device)
     ce_sum = out.ce_per_token.sum() if out.ce_per_token is not None else zero
     mse_sum = out.mse_per_element.mean(dim=-1).sum() if out.mse_per_element is not None else zero
@@ -50,7 +50,7 @@ def reduce_losses(out, world_size: int, ce_weight: float, mse_weight: float, dev
     loss = ce_weight * ce + mse_weight * mse
     if out.idle_branches is not None:
         loss = loss + out.idle_branches
-    return loss, [total_ce / max(ce_tokens, 1.0), total_mse / max(mse_tokens, 1.0)]
+    return loss, [total_ce / ce_tokens if ce_tokens else None, total_mse / mse_tokens if mse_tokens else None]
 
 
 def train_step(engine, autoencoder: AutoEncoder, batch: PackedBatch, config: BagelConfig, world_size: int,
@@ -72,7 +72,7 @@ def train_step(engine, autoencoder: AutoEncoder, batch: PackedBatch, config: Bag
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return StepResult(
-        loss=ce_weight * ce + mse_weight * mse, loss_ce=ce, loss_mse=mse,
+        loss=ce_weight * (ce or 0.0) + mse_weight * (mse or 0.0), loss_ce=ce, loss_mse=mse,
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr,
         tokens=batch.sequence_length, flops=training_flops(config, batch, vit_trainable),
         seconds=time.perf_counter() - start,
