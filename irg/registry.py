@@ -130,3 +130,15 @@ def list_models(name: str | None = None) -> list[dict]:
                          "run_id": version.run_id, "status": version.status,
                          "created": pd.Timestamp(version.creation_timestamp, unit="ms").isoformat()})
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def checkpoint_path(model: str) -> str:
+    """A checkpoint folder/URI for ``model``: itself, or for ``models:/NAME@ALIAS`` (or ``/VERSION``) the
+    registered checkpoint, downloaded from the registry."""
+    if not model.startswith("models:/"):
+        return model
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model)
+    path = os.path.join(local, "artifacts", CHECKPOINT_ARTIFACT)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{model} is not an IRG model: it has no {CHECKPOINT_ARTIFACT} artifact")
+    return path

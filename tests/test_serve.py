@@ -1,0 +1,131 @@
+"""The IRG generator on a real local Ray Serve with the tiny model: streaming, and bad requests."""
+
+import base64
+import io
+import json
+import socket
+import time
+
+import pytest
+import ray
+import requests
+from conftest import FIXTURE_DIR
+from PIL import Image
+from ray import serve
+
+from serve_apps.irg_app import build_app
+
+SMALL = {"size": "64x64", "steps": 4, "rounds": 2, "max_think_tokens": 8, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": str(FIXTURE_DIR), "device": "cpu"}), name="irg", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def read_events(response):
+    name = None
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            yield name, json.loads(line.removeprefix("data: "))
+
+
+def test_a_streamed_request_yields_its_events_in_order(server):
+    with requests.post(f"{server}/v1/images/generations/stream", json={"prompt": "a red cube", **SMALL},
+                       stream=True, timeout=120) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = list(read_events(response))
+    kinds = [name for name, _ in events]
+    updates = SMALL["steps"] - 1  # `steps` timesteps from noise to image: steps - 1 updates
+    expected = (["think"] + ["step"] * updates + ["image"]) * 2 + ["done"]
+    assert kinds == expected
+    assert [d["round"] for n, d in events if n in ("think", "image")] == [1, 1, 2, 2]
+    for name, data in events:
+        if name == "image":
+            image = Image.open(io.BytesIO(base64.b64decode(data["b64_png"])))
+            assert image.format == "PNG" and image.size == (64, 64)
+
+    # The JSON endpoint gives the same images for the same seed.
+    body = requests.post(f"{server}/v1/images/generations", json={"prompt": "a red cube", **SMALL}, timeout=120).json()
+    rounds = body["data"][0]["rounds"]
+    assert [r["b64_png"] for r in rounds] == [d["b64_png"] for n, d in events if n == "image"]
+    assert [r["text"] for r in rounds] == [d["text"] for n, d in events if n == "think"]
+
+
+BAD_REQUESTS = [
+    {"prompt": ""}, {"prompt": "x" * 5000}, {}, {"prompt": 3}, {"prompt": "a", "n": 0}, {"prompt": "a", "n": 9},
+    {"prompt": "a", "size": "65x64"}, {"prompt": "a", "size": "big"}, {"prompt": "a", "size": "64x64x64"},
+    {"prompt": "a", "size": "16x99999"}, {"prompt": "a", "steps": 1}, {"prompt": "a", "steps": 10_000},
+    {"prompt": "a", "steps": "many"}, {"prompt": "a", "rounds": 0}, {"prompt": "a", "rounds": 50},
+    {"prompt": "a", "seed": -1}, {"prompt": "a", "max_think_tokens": 0}, {"prompt": "a", "colour": "red"},
+    ["a", "list"], "not json",
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/generations/stream"])
+def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(server, path):
+    assert len(BAD_REQUESTS) == 20
+    for bad in BAD_REQUESTS:
+        if isinstance(bad, str):
+            response = requests.post(f"{server}{path}", data=bad, headers={"content-type": "application/json"},
+                                     timeout=60)
+        else:
+            response = requests.post(f"{server}{path}", json=bad, timeout=60)
+        assert 400 <= response.status_code < 500, (bad, response.status_code, response.text[:300])
+        assert response.json()["detail"], bad
+    assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.get(f"{server}/v1/models", timeout=30).json()["data"][0]["id"] == str(FIXTURE_DIR)
+    ok = requests.post(f"{server}/v1/images/generations", json={"prompt": "a blue ball", **SMALL}, timeout=120)
+    assert ok.status_code == 200 and len(ok.json()["data"][0]["rounds"]) == 2
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+    generator = serve.get_deployment_handle("Generator", app_name="irg")
+    before = generator.stats.remote().result()
+    long = {"prompt": "many shapes", "size": "256x256", "steps": 200, "rounds": 4, "max_think_tokens": 8}
+    with requests.post(f"{server}/v1/images/generations/stream", json=long, stream=True, timeout=120) as response:
+        events = read_events(response)
+        assert next(e for e in events if e[0] == "step")  # the generation is under way
+    # The connection is closed: the generation stops at its next step instead of running to the end.
+    deadline = time.monotonic() + 60
+    while generator.stats.remote().result()["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, "the abandoned generation was not cancelled"
+        time.sleep(0.2)
+    after = generator.stats.remote().result()
+    assert after["completed"] == before["completed"]
+    ok = requests.post(f"{server}/v1/images/generations", json={"prompt": "a blue ball", **SMALL}, timeout=120)
+    assert ok.status_code == 200
+
+
+def test_concurrent_requests_of_one_shape_share_a_batch_and_keep_their_own_images(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    generator = serve.get_deployment_handle("Generator", app_name="irg")
+    bodies = [{"prompt": p, **SMALL, "seed": s} for p, s in (("a red cube", 1), ("two balls", 2), ("a cone", 3))]
+    alone = [requests.post(f"{server}/v1/images/generations", json=b, timeout=120).json() for b in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: requests.post(f"{server}/v1/images/generations", json=b,
+                                                         timeout=120).json(), bodies))
+    assert generator.stats.remote().result()["largest_batch"] >= 2
+
+    def pixels(body):
+        return [np.asarray(Image.open(io.BytesIO(base64.b64decode(r["b64_png"])))).astype(int)
+                for r in body["data"][0]["rounds"]]
+
+    for a, b in zip(alone, together):
+        assert [r["text"] for r in a["data"][0]["rounds"]] == [r["text"] for r in b["data"][0]["rounds"]]
+        for x, y in zip(pixels(a), pixels(b)):
+            assert np.abs(x - y).max() <= 2  # the same image, up to float reordering in a bigger forward
