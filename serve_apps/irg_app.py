@@ -20,12 +20,19 @@ import time
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from irg.pipeline import InvalidRequestError
 from irg.serve.api import GenerationBody, png_base64, response_body, sse
 
 api = FastAPI(title="IRG", version="1")
+RETRY_AFTER_S = 5
+
+
+def _busy() -> HTTPException:
+    return HTTPException(status_code=503, detail="every generator replica is busy and its queue is full; retry later",
+                         headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class GenerationCancelled(Exception):
@@ -170,8 +177,9 @@ def _event(event) -> "tuple[str, dict] | None":
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator: DeploymentHandle):
+    def __init__(self, generator: DeploymentHandle, request_timeout_s: float = 600.0):
         self.generator = generator
+        self.request_timeout_s = request_timeout_s
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -183,10 +191,16 @@ class Ingress:
 
     @api.post("/v1/images/generations")
     async def generations(self, body: GenerationBody) -> dict:
+        response = self.generator.generate.remote(body.model_dump())
         try:
-            return await self.generator.generate.remote(body.model_dump())
+            return await asyncio.wait_for(response, self.request_timeout_s)
         except ValueError as e:
             raise HTTPException(status_code=422, detail=str(e)) from None
+        except BackPressureError:
+            raise _busy() from None
+        except TimeoutError:
+            response.cancel()
+            raise HTTPException(status_code=504, detail=f"generation took over {self.request_timeout_s} s") from None
 
     @api.post("/v1/images/generations/stream")
     async def generations_stream(self, body: GenerationBody, request: Request) -> StreamingResponse:
@@ -194,12 +208,20 @@ class Ingress:
             await self.generator.check.remote(body.model_dump())
         except ValueError as e:
             raise HTTPException(status_code=422, detail=str(e)) from None
+        except BackPressureError:
+            raise _busy() from None
         stream = self.generator.options(stream=True).stream.remote(body.model_dump())
 
         async def events():
+            deadline = asyncio.get_running_loop().time() + self.request_timeout_s
             try:
                 async for name, data in stream:
                     yield sse(name, data)
+                    if asyncio.get_running_loop().time() > deadline:
+                        yield sse("error", {"detail": f"generation took over {self.request_timeout_s} s"})
+                        return
+            except BackPressureError:
+                yield sse("error", {"detail": _busy().detail, "retry_after_s": RETRY_AFTER_S})
             except ValueError as e:
                 yield sse("error", {"detail": str(e)})
             finally:
@@ -213,7 +235,7 @@ def build_app(args: dict):
     if "model" not in args:
         raise ValueError("give the model: serve run serve_apps.irg_app:app model=models:/NAME@champion (or a path)")
     generator = Generator.bind(args["model"], args.get("device", "auto"), args.get("dtype", "auto"))
-    return Ingress.bind(generator)
+    return Ingress.bind(generator, float(args.get("request_timeout_s", 600)))
 
 
 app = build_app

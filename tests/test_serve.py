@@ -129,3 +129,24 @@ def test_concurrent_requests_of_one_shape_share_a_batch_and_keep_their_own_image
         assert [r["text"] for r in a["data"][0]["rounds"]] == [r["text"] for r in b["data"][0]["rounds"]]
         for x, y in zip(pixels(a), pixels(b)):
             assert np.abs(x - y).max() <= 2  # the same image, up to float reordering in a bigger forward
+
+
+def test_a_full_queue_answers_503_and_a_slow_request_times_out(server):
+    """A one-slot app beside the main one: one running, one queued, the rest turned away at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_apps.irg_app import Generator, Ingress
+
+    generator = Generator.options(name="OneSlotGenerator", max_ongoing_requests=1, max_queued_requests=1,
+                                  autoscaling_config=None, num_replicas=1).bind(str(FIXTURE_DIR), "cpu")
+    serve.run(Ingress.options(name="OneSlotIngress").bind(generator, 0.5), name="one-slot", route_prefix="/one-slot")
+    slow = {"prompt": "slow", "size": "256x256", "steps": 100, "rounds": 2, "max_think_tokens": 8}
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: requests.post(f"{server}/one-slot/v1/images/generations", json=slow,
+                                                          timeout=120), range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert 503 in codes and 504 in codes, codes
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] == "5" and "busy" in busy.json()["detail"]
+    assert requests.get(f"{server}/healthz", timeout=30).status_code == 200
+    serve.delete("one-slot")
