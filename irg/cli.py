@@ -93,11 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _registry():
     from irg import registry
-    from irg.train.config import TrackingSettings
-    from irg.train.tracking import configure
-    from irg.train.trainer import store_config
 
-    configure(TrackingSettings(), store_config())
+    registry.configure_tracking()
     return registry
 
 

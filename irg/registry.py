@@ -132,11 +132,20 @@ def list_models(name: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 
+def configure_tracking() -> str:
+    """Point MLflow at ``$MLFLOW_TRACKING_URI`` (else the local sqlite default) and the object store."""
+    from irg.train.config import TrackingSettings
+    from irg.train.tracking import configure
+
+    return configure(TrackingSettings(), storage.configured_store())
+
+
 def checkpoint_path(model: str) -> str:
     """A checkpoint folder/URI for ``model``: itself, or for ``models:/NAME@ALIAS`` (or ``/VERSION``) the
     registered checkpoint, downloaded from the registry."""
     if not model.startswith("models:/"):
         return model
+    configure_tracking()
     local = mlflow.artifacts.download_artifacts(artifact_uri=model)
     path = os.path.join(local, "artifacts", CHECKPOINT_ARTIFACT)
     if not os.path.isdir(path):

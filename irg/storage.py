@@ -286,6 +286,15 @@ def open_file(uri: str | os.PathLike, mode: str = "rb", config: StoreConfig | No
         return fs.open(path, mode)
 
 
+def configured_store() -> StoreConfig | None:
+    """The object store settings if any are configured (file or environment), else None."""
+    try:
+        config = StoreConfig.load()
+    except FileNotFoundError:
+        return None
+    return config if config.endpoint_url or config.access_key else None
+
+
 def arrow_filesystem(uri: str | os.PathLike, config: StoreConfig | None = None):
     """The ``pyarrow.fs`` filesystem that holds ``uri`` and the path inside it, for pyarrow and Ray Data."""
     from pyarrow import fs as pafs

@@ -16,9 +16,10 @@ import asyncio
 import dataclasses
 import threading
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -28,6 +29,7 @@ from irg.serve.api import GenerationBody, png_base64, response_body, sse
 
 api = FastAPI(title="IRG", version="1")
 RETRY_AFTER_S = 5
+PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
 def _busy() -> HTTPException:
@@ -180,6 +182,11 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, request_timeout_s: float = 600.0):
         self.generator = generator
         self.request_timeout_s = request_timeout_s
+
+    @api.get("/", response_class=HTMLResponse)
+    async def playground(self) -> str:
+        """The playground: a prompt box and settings; each round's think text and image as they stream in."""
+        return PLAYGROUND.read_text()
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -36,15 +36,6 @@ class StageResult:
     metrics: dict
 
 
-def store_config() -> storage.StoreConfig | None:
-    """The object store settings if any are configured (a local-only run needs none)."""
-    try:
-        config = storage.StoreConfig.load()
-    except FileNotFoundError:
-        return None
-    return config if config.endpoint_url or config.access_key else None
-
-
 def build_trainer(cfg: TrainConfig, store: storage.StoreConfig | None = None) -> TorchTrainer:
     """The stage's TorchTrainer: one DeepSpeed worker per GPU (or CPU slot), checkpoints on the store."""
     filesystem, path = storage.arrow_filesystem(run_storage(cfg), store)
@@ -75,7 +66,7 @@ def preflight(cfg: TrainConfig, store: storage.StoreConfig | None) -> dict:
 
 def run_stage(cfg: TrainConfig, parent_run_id: str | None = None) -> StageResult:
     """Train one stage to ``run.max_steps`` (resuming if it ran before), then export its EMA weights."""
-    store = store_config()
+    store = storage.configured_store()
     summary = preflight(cfg, store)
     client = MlflowClient(configure(cfg.tracking, store))
     experiment = experiment_id(client, cfg.tracking, store)
@@ -103,7 +94,7 @@ def run_irgl(stage_configs: dict[int, TrainConfig], job_name: str, register: boo
     """IRGL: stage 1 (all six modes), then stage 2 (the full modes) from stage 1's EMA, under one parent
     run; the stage-2 model is registered. Returns the stage results and the new model version (or None)."""
     first = stage_configs[1]
-    store = store_config()
+    store = storage.configured_store()
     client = MlflowClient(configure(first.tracking, store))
     experiment = experiment_id(client, first.tracking, store)
     parent = find_or_create_run(client, experiment, job_name, tags={"irg.job": "irgl"})

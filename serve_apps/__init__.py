@@ -1,0 +1,1 @@
+"""Ray Serve applications (``serve run serve_apps.irg_app:app model=...``)."""
