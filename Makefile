@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 install: $(STAMP)
 
@@ -19,10 +19,15 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(VENV)/bin/irg generate --model tests/fixtures/bagel_tiny --prompt "a red cube on the left of a blue ball" \
-		--out out/demo --size 64 --steps 8 --rounds 2 --max-think-tokens 64
+	$(PY) jobs/demo.py
 
-test: install
+# The playground test drives headless Chromium (Debian's package).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+browser:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
+
+test: install browser
 	$(PY) -m pytest -q
 
 clean:

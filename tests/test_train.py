@@ -178,6 +178,9 @@ def test_registry_round_trip(stack, job):
     assert [i.size for i in images] == [(64, 64), (64, 64)] and len(prediction["texts"][0]) == 2
     direct = IRGPipeline.from_pretrained(job["results"][2].model_uri)("two green squares", **settings)
     assert np.array_equal(np.asarray(images[1]), np.asarray(direct.images[1]))
+    # What Serve replicas load for a models:/ URI: the registered checkpoint itself.
+    served = IRGPipeline.from_pretrained(registry.checkpoint_path("models:/irg-test@champion"))
+    assert np.array_equal(np.asarray(served("two green squares", **settings).images[1]), np.asarray(direct.images[1]))
 
     missing = subprocess.run([sys.executable, "-m", "irg.cli", "registry", "promote", "irg-test", "99"],
                              capture_output=True, text=True, env=env, timeout=120)
