@@ -1,15 +1,19 @@
-"""Consistency of the cluster and infrastructure files (cluster/, infra/) with each other and with the repo.
+"""Consistency of the cluster and infrastructure files (cluster/, infra/, the Serve configs in
+serve_apps/) with each other and with the repo.
 
 No cluster and no network: every YAML under cluster/ and infra/ is parsed (all documents) and checked
-for the mistakes that only show up once a job is submitted: a command naming a file that does not
-exist, versions that differ from the pins in pyproject.toml, GPU groups whose Ray resources do not
-match what the pods get, env vars taken from Secret keys that do not exist, a Service that does not
-reach its Deployment, an MLflow URL that the server would refuse.
+for the mistakes that only show up once a job is submitted or an application deployed: a command
+naming a file that does not exist, versions that differ from the pins in pyproject.toml, GPU groups
+whose Ray resources do not match what the pods get, env vars taken from Secret keys that do not exist,
+a Service that does not reach its Deployment, an MLflow URL that the server would refuse, a Serve
+config that Ray would reject or silently read differently, or that names an application or a
+deployment the code does not define.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import re
 import shlex
 import tomllib
@@ -25,7 +29,14 @@ AUTOSCALER = ROOT / "cluster/autoscaler/irgl-aws.yaml"
 MLFLOW = ROOT / "infra/mlflow/mlflow.yaml"
 DOCKERFILE = ROOT / "infra/docker/Dockerfile"
 MLFLOW_DOCKERFILE = ROOT / "infra/docker/mlflow.Dockerfile"
+RAYSERVICE = ROOT / "cluster/kuberay/irg-rayservice.yaml"
+SERVE_CONFIG = ROOT / "serve_apps/config.yaml"  # `serve run`, one machine, CPU
+SERVE_CONFIG_GPU = ROOT / "serve_apps/config.gpu.yaml"  # `serve deploy` / the RayService, GPUs
 GPU = "nvidia.com/gpu"
+
+# Values the application builder (serve_apps/irg_app.py) accepts for its args.
+SERVE_DEVICES = {"auto", "cpu", "cuda"}
+SERVE_DTYPES = {"auto", "bfloat16", "float32"}
 
 # GPUs of the EC2 instance types a GPU node type may use (the autoscaler's {"GPU": n} must match).
 GPUS_PER_INSTANCE = {
@@ -61,6 +72,11 @@ HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartPar
 WORKER_GROUP_FIELDS = {
     "groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams", "template",
     "scaleStrategy", "suspend", "idleTimeoutSeconds", "resources", "labels",
+}
+RAYSERVICE_SPEC_FIELDS = {
+    "rayClusterDeletionDelaySeconds", "serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold",
+    "serveService", "gateway", "httpRoute", "upgradeStrategy", "serveConfigV2", "rayClusterConfig",
+    "excludeHeadPodFromServeSvc",
 }
 AUTOSCALER_OPTIONS_FIELDS = {
     "resources", "image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "securityContext",
@@ -131,10 +147,16 @@ def _dockerfile(path: Path) -> dict:
 # --- pods and containers -----------------------------------------------------------------------
 
 
-def _rayjob_pods(job: dict) -> list[tuple[str, dict]]:
-    """(label, pod spec) of the head, each worker group and the submitter of a RayJob."""
-    spec = job["spec"]
-    cluster = spec["rayClusterSpec"]
+def _ray_cluster(obj: dict) -> dict:
+    """The RayCluster spec of a RayJob or a RayService."""
+    return obj["spec"]["rayClusterSpec" if obj["kind"] == "RayJob" else "rayClusterConfig"]
+
+
+def _ray_pods(obj: dict) -> list[tuple[str, dict]]:
+    """(label, pod spec) of the head, each worker group and, for a RayJob, the submitter of a RayJob or
+    RayService."""
+    spec = obj["spec"]
+    cluster = _ray_cluster(obj)
     pods = [("head", cluster["headGroupSpec"]["template"]["spec"])]
     pods += [(g["groupName"], g["template"]["spec"]) for g in cluster.get("workerGroupSpecs", [])]
     if "submitterPodTemplate" in spec:
@@ -150,8 +172,8 @@ def _pod_specs() -> list[tuple[str, str, dict]]:
         where = f"{path.relative_to(ROOT)}: {obj['kind']} {obj['metadata']['name']}"
         if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             out.append((where, ns, obj["spec"]["template"]["spec"]))
-        elif obj["kind"] == "RayJob":
-            out += [(f"{where} ({label})", ns, pod) for label, pod in _rayjob_pods(obj)]
+        elif obj["kind"] in ("RayJob", "RayService"):
+            out += [(f"{where} ({label})", ns, pod) for label, pod in _ray_pods(obj)]
         elif obj["kind"] == "Pod":
             out.append((where, ns, obj["spec"]))
     return out
@@ -218,8 +240,9 @@ def _assert_training_fits(argv: list[str], nodes: list[tuple[int, float, int]], 
         assert cfg.tracking.tracking_uri is None, f"{stage}: tracking.tracking_uri overrides the cluster's MLflow"
 
 
-def _header_commands(path: Path) -> list[str]:
-    """Shell commands in a file's leading comment block (`#   cmd \\` continuations joined)."""
+def _header_commands(path: Path, prefix: str = "ray ") -> list[str]:
+    """Shell commands starting with `prefix` in a file's leading comment block (`#   cmd \\`
+    continuations joined)."""
     lines = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
@@ -233,7 +256,7 @@ def _header_commands(path: Path) -> list[str]:
         else:
             commands.append(current)
             current = ""
-    return [c for c in commands if c.startswith("ray ")]
+    return [c for c in commands if c.startswith(prefix)]
 
 
 # --- tests: files --------------------------------------------------------------------------------
@@ -241,7 +264,7 @@ def _header_commands(path: Path) -> list[str]:
 
 def test_every_manifest_parses():
     files = _yaml_files()
-    for expected in (RAYJOB, AUTOSCALER, MLFLOW, ROOT / "infra/k8s/object-store-secret.example.yaml"):
+    for expected in (RAYJOB, RAYSERVICE, AUTOSCALER, MLFLOW, ROOT / "infra/k8s/object-store-secret.example.yaml"):
         assert expected in files, f"missing {expected.relative_to(ROOT)}"
     for path in files:
         docs = _load(path)
@@ -259,6 +282,9 @@ def test_versions_match_pyproject_pins():
     job = _only("RayJob", RAYJOB)
     assert job["apiVersion"] == "ray.io/v1"
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == pins["ray"], "rayVersion differs from the ray pin"
+    service = _only("RayService", RAYSERVICE)
+    assert service["apiVersion"] == "ray.io/v1"
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == pins["ray"], "RayService rayVersion differs from the pin"
 
     image = _dockerfile(DOCKERFILE)
     repo, _, tag = image["image"].partition(":")
@@ -281,12 +307,12 @@ def test_versions_match_pyproject_pins():
 
 
 def test_one_image_for_every_ray_node():
-    job = _only("RayJob", RAYJOB)
-    images = {c["image"] for _, pod in _rayjob_pods(job) for c in pod["containers"]}
+    ray_objects = [_only("RayJob", RAYJOB), _only("RayService", RAYSERVICE)]
+    images = {c["image"] for obj in ray_objects for _, pod in _ray_pods(obj) for c in pod["containers"]}
     assert len(images) == 1, f"Ray pods use different images: {images}"
     docker = yaml.safe_load(AUTOSCALER.read_text())["docker"]
     launcher = {docker["image"], docker.get("head_image", docker["image"]), docker.get("worker_image", docker["image"])}
-    assert launcher == images, f"the cluster launcher uses {launcher}, the RayJob {images}"
+    assert launcher == images, f"the cluster launcher uses {launcher}, the KubeRay pods {images}"
 
 
 # --- tests: the RayJob ---------------------------------------------------------------------------
@@ -336,7 +362,10 @@ def test_rayjob_head_runs_no_tasks():
 
 
 def test_rayjob_gpu_groups_match_their_ray_resources():
-    cluster = _only("RayJob", RAYJOB)["spec"]["rayClusterSpec"]
+    _assert_gpu_groups_match_their_ray_resources(_ray_cluster(_only("RayJob", RAYJOB)))
+
+
+def _assert_gpu_groups_match_their_ray_resources(cluster: dict) -> None:
     gpu_groups = 0
     for group in cluster["workerGroupSpecs"]:
         name, pod, params = group["groupName"], group["template"]["spec"], group.get("rayStartParams", {})
@@ -430,13 +459,14 @@ def test_env_from_secrets_names_keys_of_the_example_secrets():
 
 
 def test_ray_pods_get_the_object_store_and_mlflow():
-    for label, pod in _rayjob_pods(_only("RayJob", RAYJOB)):
-        if label == "submitter":
-            continue
-        names = {e["name"] for e in pod["containers"][0].get("env", [])}
-        missing = {"AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                   "AWS_DEFAULT_REGION", "IRG_BUCKET", "MLFLOW_TRACKING_URI"} - names
-        assert not missing, f"RayJob {label}: no {sorted(missing)} in the Ray container's env"
+    for obj in (_only("RayJob", RAYJOB), _only("RayService", RAYSERVICE)):
+        for label, pod in _ray_pods(obj):
+            if label == "submitter":
+                continue
+            names = {e["name"] for e in pod["containers"][0].get("env", [])}
+            missing = {"AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                       "AWS_DEFAULT_REGION", "IRG_BUCKET", "MLFLOW_TRACKING_URI"} - names
+            assert not missing, f"{obj['kind']} {label}: no {sorted(missing)} in the Ray container's env"
 
 
 def test_dependent_env_references_are_defined():
@@ -589,3 +619,261 @@ def test_autoscaler_header_commands_reference_repo_files():
         job = _entrypoint_argv(command)
         _assert_job_command(job, "autoscaler header")
         _assert_training_fits(job, nodes, "autoscaler header")
+
+
+# --- tests: Ray Serve (serve_apps/ configs and the RayService) ------------------------------------
+
+
+def _serve_configs() -> dict[str, dict]:
+    """Every Serve config, by where it is: the two files and the RayService's serveConfigV2."""
+    service = _only("RayService", RAYSERVICE)
+    text = service["spec"]["serveConfigV2"]
+    assert isinstance(text, str), "serveConfigV2 must be a YAML string (a mapping is rejected by the CRD)"
+    return {
+        str(SERVE_CONFIG.relative_to(ROOT)): yaml.safe_load(SERVE_CONFIG.read_text()),
+        str(SERVE_CONFIG_GPU.relative_to(ROOT)): yaml.safe_load(SERVE_CONFIG_GPU.read_text()),
+        f"{RAYSERVICE.relative_to(ROOT)}: serveConfigV2": yaml.safe_load(text),
+    }
+
+
+def _assert_known_fields(obj: dict, model, where: str) -> None:
+    # Ray's schemas ignore unknown fields: a misspelt option would be dropped without a word.
+    unknown = set(obj) - set(model.model_fields)
+    assert not unknown, f"{where}: {sorted(unknown)} unknown to Ray's {model.__name__}"
+
+
+def _deployment(app: dict, name: str) -> dict:
+    found = [d for d in app.get("deployments", []) if d["name"] == name]
+    assert len(found) == 1, f"application {app['name']}: expected one deployment {name}, found {len(found)}"
+    return found[0]
+
+
+def _single_app(config: dict, where: str) -> dict:
+    assert len(config["applications"]) == 1, f"{where}: expected the one application"
+    return config["applications"][0]
+
+
+def _import_module_and_attr(import_path: str) -> tuple[str, str]:
+    module, sep, attr = import_path.partition(":")
+    return (module, attr) if sep else tuple(import_path.rsplit(".", 1))
+
+
+def _module_file(module: str) -> Path:
+    path = ROOT / module.replace(".", "/")
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
+
+
+def _serve_deployment_classes(source: str) -> set[str]:
+    """Names of the top-level classes decorated with @serve.deployment (the decorator may span lines)."""
+    names, decorated = set(), False
+    for line in source.splitlines():
+        if line.startswith("@serve.deployment"):
+            decorated = True
+        elif m := re.match(r"(?:async\s+)?(class|def)\s+(\w+)", line):
+            if decorated and m.group(1) == "class":
+                names.add(m.group(2))
+            decorated = False
+    return names
+
+
+def test_serve_configs_are_valid_for_ray():
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import (
+        DeploymentSchema,
+        HTTPOptionsSchema,
+        RayActorOptionsSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+    )
+
+    for where, config in _serve_configs().items():
+        ServeDeploySchema.model_validate(config)  # what `serve run` / `serve deploy` / KubeRay's PUT do first
+        _assert_known_fields(config, ServeDeploySchema, where)
+        _assert_known_fields(config.get("http_options") or {}, HTTPOptionsSchema, f"{where}: http_options")
+        for app in config["applications"]:
+            _assert_known_fields(app, ServeApplicationSchema, f"{where}: {app['name']}")
+            for d in app.get("deployments", []):
+                at = f"{where}: {app['name']}/{d['name']}"
+                _assert_known_fields(d, DeploymentSchema, at)
+                _assert_known_fields(d.get("ray_actor_options") or {}, RayActorOptionsSchema, f"{at} ray_actor_options")
+                autoscaling = d.get("autoscaling_config")
+                if autoscaling is None:
+                    continue
+                # ServeDeploySchema keeps autoscaling_config as a plain dict; the controller builds this
+                # (and rejects e.g. min_replicas > max_replicas) only at deploy time.
+                _assert_known_fields(autoscaling, AutoscalingConfig, f"{at} autoscaling_config")
+                scaling = AutoscalingConfig(**autoscaling)
+                # A replica never reports more ongoing requests than it accepts: a target above that
+                # would never be reached, and the deployment would never scale up.
+                max_ongoing = d.get("max_ongoing_requests")
+                assert max_ongoing is None or scaling.target_ongoing_requests <= max_ongoing, (
+                    f"{at}: target_ongoing_requests {scaling.target_ongoing_requests} > max_ongoing_requests {max_ongoing}"
+                )
+
+
+def test_serve_configs_name_the_app_builder_and_its_deployments():
+    for where, config in _serve_configs().items():
+        for app in config["applications"]:
+            module, attr = _import_module_and_attr(app["import_path"])
+            path = _module_file(module)
+            # Checked by reading the file: importing it would need torch, FastAPI and the model code.
+            assert path.is_file(), f"{where}: import_path {app['import_path']}: no {path.relative_to(ROOT)}"
+            source = path.read_text()
+            assert re.search(rf"^(?:def\s+{attr}\s*\(|{attr}\s*=)", source, re.MULTILINE), (
+                f"{where}: {path.relative_to(ROOT)} defines no top-level {attr}"
+            )
+            classes = _serve_deployment_classes(source)
+            for d in app.get("deployments", []):
+                assert d["name"] in classes, (
+                    f"{where}: deployment {d['name']} is not a @serve.deployment class of {path.relative_to(ROOT)}"
+                    f" ({sorted(classes)}); Ray rejects options for a deployment the application lacks"
+                )
+            # The builder reads its args as args["key"] / args.get("key"); anything else is ignored.
+            read = set(re.findall(r"\bargs(?:\.get\(|\[)\s*[\"'](\w+)[\"']", source))
+            args = app.get("args") or {}
+            assert "model" in args, f"{where}: no model in args"
+            assert set(args) <= read, f"{where}: args {sorted(set(args) - read)} not read by the builder ({sorted(read)})"
+            assert args.get("device", "auto") in SERVE_DEVICES, f"{where}: device {args['device']!r}"
+            assert args.get("dtype", "auto") in SERVE_DTYPES, f"{where}: dtype {args['dtype']!r}"
+            # A replica on "cuda" needs a GPU reserved for it; one on "cpu" must not hold one.
+            gpus = (_deployment(app, "Generator").get("ray_actor_options") or {}).get("num_gpus", 0)
+            if args.get("device") == "cuda":
+                assert gpus >= 1, f"{where}: device cuda but the Generator reserves no GPU"
+            if args.get("device") == "cpu":
+                assert gpus == 0, f"{where}: device cpu but the Generator reserves {gpus} GPU (never starts without one)"
+
+
+def test_local_serve_config_runs_from_the_repository():
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    app = _single_app(config, "config.yaml")
+    model = app["args"]["model"]
+    # `serve run serve_apps/config.yaml` from the repository root: the model is a folder of the repo.
+    assert not model.startswith(("models:/", "s3://", "/")), f"{model}: the local config needs a repository path"
+    assert (ROOT / model).is_dir() and any((ROOT / model).iterdir()), f"{model} is not a folder in the repository"
+    assert app["args"].get("device") == "cpu", "the local config must run without a GPU"
+    assert config["http_options"]["host"] == "127.0.0.1", "the local config must listen on loopback only"
+    assert app["import_path"] == yaml.safe_load(SERVE_CONFIG_GPU.read_text())["applications"][0]["import_path"]
+
+
+def test_gpu_serve_config():
+    config = yaml.safe_load(SERVE_CONFIG_GPU.read_text())
+    app = _single_app(config, "config.gpu.yaml")
+    model = app["args"]["model"]
+    assert re.fullmatch(r"models:/[\w.-]+(@[\w-]+|/\d+)", model) or model.startswith("s3://"), (
+        f"{model}: a cluster loads a registered model (models:/NAME@ALIAS) or an s3:// checkpoint"
+    )
+    assert app["args"].get("device") == "cuda"
+    generator = _deployment(app, "Generator")
+    assert generator["ray_actor_options"].get("num_gpus") == 1, "one GPU per Generator replica"
+    # The head runs no tasks (num-cpus 0) and the GPU workers may all be gone (min_replicas 0): the
+    # ingress must be placeable on the head, so it must ask for no CPU.
+    assert _deployment(app, "Ingress")["ray_actor_options"].get("num_cpus") == 0, "Ingress must ask for 0 CPUs"
+    # Pods take traffic from the Kubernetes Service: the proxies must listen on every interface.
+    assert config["http_options"]["host"] == "0.0.0.0"
+    # Without a working_dir nothing is shipped with the application: every node imports it from what
+    # the image installs (`pip install -e '.[cluster]'`), which must then include its module.
+    if not (app.get("runtime_env") or {}).get("working_dir"):
+        module, _ = _import_module_and_attr(app["import_path"])
+        find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+        top = module.split(".")[0]
+        assert any(fnmatch.fnmatchcase(top, pattern) for pattern in find.get("include", ["*"])), (
+            f"pyproject.toml's packages.find does not install {top}: the nodes could not import {app['import_path']}"
+        )
+
+
+def test_rayservice_fields_are_known_to_kuberay():
+    service = _only("RayService", RAYSERVICE)
+    spec = service["spec"]
+    assert set(spec) <= RAYSERVICE_SPEC_FIELDS, f"unknown RayService fields {set(spec) - RAYSERVICE_SPEC_FIELDS}"
+    cluster = spec["rayClusterConfig"]
+    assert set(cluster) <= RAYCLUSTER_SPEC_FIELDS, f"unknown fields {set(cluster) - RAYCLUSTER_SPEC_FIELDS}"
+    assert set(cluster["headGroupSpec"]) <= HEAD_GROUP_FIELDS
+    for group in cluster["workerGroupSpecs"]:
+        unknown = set(group) - WORKER_GROUP_FIELDS
+        assert not unknown, f"{group['groupName']}: unknown fields {unknown}"
+    assert set(cluster.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS_FIELDS
+    # Serve asks for replicas; only the Ray autoscaler turns those into GPU pods.
+    assert cluster["enableInTreeAutoscaling"] is True
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for key, value in group.get("rayStartParams", {}).items():
+            assert isinstance(value, str), f"rayStartParams {key}: {value!r} must be a string"
+    names = [g["groupName"] for g in cluster["workerGroupSpecs"]]
+    assert len(names) == len(set(names)), f"duplicate worker group names {names}"
+
+
+def test_rayservice_serves_the_gpu_config():
+    configs = _serve_configs()
+    served = configs[f"{RAYSERVICE.relative_to(ROOT)}: serveConfigV2"]
+    gpu = configs[str(SERVE_CONFIG_GPU.relative_to(ROOT))]
+    assert served == gpu, f"serveConfigV2 differs from {SERVE_CONFIG_GPU.relative_to(ROOT)}"
+
+
+def test_rayservice_head_and_serve_ports():
+    service = _only("RayService", RAYSERVICE)
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"].get("num-cpus") == "0", "Generator replicas or tasks could land on the head"
+    assert head["rayStartParams"].get("num-gpus", "0") == "0"
+    (ray_head, *_) = head["template"]["spec"]["containers"]
+    assert GPU not in ray_head.get("resources", {}).get("limits", {}), "the head requests a GPU"
+    ports = {p.get("name"): p["containerPort"] for p in ray_head.get("ports", [])}
+    serve_port = yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["port"]
+    # KubeRay's <name>-serve-svc targets the head's port named "serve".
+    assert ports.get("serve") == serve_port, f"head port 'serve' {ports.get('serve')} != http_options.port {serve_port}"
+    assert ports.get("dashboard") == 8265 and ports.get("gcs") == 6379, f"head ports {ports}"
+
+
+def test_rayservice_header_commands():
+    service = _only("RayService", RAYSERVICE)
+    name, ns = service["metadata"]["name"], service["metadata"]["namespace"]
+    serve_port = yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["port"]
+    commands = [shlex.split(c, comments=True) for c in _header_commands(RAYSERVICE, "kubectl ")]
+    applies = [c for c in commands if c[1:3] == ["apply", "-f"]]
+    assert applies and all(c[3] == str(RAYSERVICE.relative_to(ROOT)) for c in applies), applies
+    assert ["kubectl", "-n", ns, "get", "rayservice", name] in [c[:6] for c in commands], "no `get rayservice`"
+    forwards = [c for c in commands if "port-forward" in c and any("serve-svc" in a for a in c)]
+    assert forwards, "the header shows no port-forward to the Serve service"
+    for c in forwards:
+        assert c[1:3] == ["-n", ns], c
+        assert f"svc/{name}-serve-svc" in c, f"{c}: KubeRay names the Service {name}-serve-svc"
+        remote = int(c[-1].rpartition(":")[2])
+        assert remote == serve_port, f"{c}: forwards to {remote}, Serve listens on {serve_port}"
+
+
+def test_rayservice_gpu_groups_fit_the_generator():
+    service = _only("RayService", RAYSERVICE)
+    cluster = service["spec"]["rayClusterConfig"]
+    _assert_gpu_groups_match_their_ray_resources(cluster)
+    app = _single_app(yaml.safe_load(service["spec"]["serveConfigV2"]), "serveConfigV2")
+    generator = _deployment(app, "Generator")
+    options = generator["ray_actor_options"]
+    gpus, cpus = float(options.get("num_gpus", 0)), float(options.get("num_cpus", 1))
+    assert gpus == 1, f"the Generator asks for {gpus:g} GPUs, not 1"
+    capacity = 0
+    for group in cluster["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        params = group.get("rayStartParams", {})
+        pod_gpus = int(params.get("num-gpus", limits.get(GPU, 0)))
+        pod_cpus = _cpus(params.get("num-cpus", limits["cpu"]))
+        if pod_gpus:
+            # Replicas a pod holds: limited by its GPUs and by its CPUs.
+            capacity += min(int(pod_gpus // gpus), int(pod_cpus // cpus)) * group["maxReplicas"]
+    max_replicas = generator["autoscaling_config"]["max_replicas"]
+    assert capacity >= max_replicas, f"the GPU groups hold {capacity} Generator replicas, max_replicas is {max_replicas}"
+
+
+def test_ray_object_stores_fit_in_dev_shm():
+    """A Ray node whose object store exceeds /dev/shm puts it in /tmp (slow) and warns; set
+    object-store-memory within the memory emptyDir mounted there."""
+    for obj in (_only("RayJob", RAYJOB), _only("RayService", RAYSERVICE)):
+        cluster = _ray_cluster(obj)
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            store = group.get("rayStartParams", {}).get("object-store-memory")
+            if store is None:
+                continue
+            where = f"{obj['kind']} {obj['metadata']['name']} {group.get('groupName', 'head')}"
+            pod = group["template"]["spec"]
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0].get("volumeMounts", [])}
+            assert "/dev/shm" in mounts, f"{where}: object-store-memory set but no /dev/shm volume"
+            (volume,) = [v for v in pod.get("volumes", []) if v["name"] == mounts["/dev/shm"]]
+            shm = _bytes(volume["emptyDir"]["sizeLimit"])
+            assert _bytes(store) <= shm, f"{where}: object-store-memory {store} exceeds /dev/shm {volume['emptyDir']['sizeLimit']}"
