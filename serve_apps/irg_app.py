@@ -6,8 +6,8 @@
 Endpoints: ``POST /v1/images/generations`` (JSON: think texts and base64 PNGs of every round),
 ``POST /v1/images/generations/stream`` (server-sent events as they happen: think, step, image,
 done), ``GET /healthz``, ``GET /v1/models``. Bodies are checked before any model work and a bad one
-gets a 4xx naming the field. Concurrent JSON requests of the same shape are batched into one
-pipeline call (their denoising passes share each forward); a replica runs one pipeline call at a
+gets a 4xx naming the field. Concurrent requests of the same shape (JSON ones together, streams
+together) are batched into one pipeline call (their denoising passes share each forward); a replica runs one pipeline call at a
 time, holds up to ``max_ongoing_requests``, Serve queues ``max_queued_requests`` more and answers
 503 beyond that. A client that disconnects stops its generation at the next step.
 """
@@ -29,6 +29,9 @@ from irg.serve.api import GenerationBody, png_base64, response_body, sse
 
 api = FastAPI(title="IRG", version="1")
 RETRY_AFTER_S = 5
+MAX_BATCH = 4  # requests in one pipeline call (a replica's max_ongoing_requests should allow as many)
+BATCH_WAIT_S = 0.1  # how long the first request of a batch waits for company
+_END = object()  # a stream's last item
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
@@ -39,6 +42,14 @@ def _busy() -> HTTPException:
 
 class GenerationCancelled(Exception):
     """Raised inside the pipeline's callback to stop a generation nobody waits for any more."""
+
+
+@dataclasses.dataclass
+class _StreamJob:
+    request: object
+    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 @serve.deployment(
@@ -62,6 +73,7 @@ class Generator:
         self.pipe = IRGPipeline.from_pretrained(checkpoint_path(model), device=device, dtype=torch_dtype)
         self.lock = threading.Lock()  # the pipeline runs one generation at a time
         self.counts = {"completed": 0, "cancelled": 0, "largest_batch": 0}
+        self.waiting_streams: dict[tuple, list] = {}
 
     def info(self) -> dict:
         return {"id": self.model_name, "object": "model", "owned_by": "irg",
@@ -76,7 +88,7 @@ class Generator:
         outputs = await self._generate_batched(request)
         return response_body(self.model_name, outputs, int(time.time()))
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.1)
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _generate_batched(self, requests: list) -> list:
         """Requests of the same shape (size, steps, rounds, think budget) run as one pipeline batch:
         their denoising passes share each forward. Each prompt keeps its own seed, so its images do
@@ -96,34 +108,65 @@ class Generator:
         return results
 
     async def stream(self, body: dict):
-        """Yields (event, data) pairs; stops the generation if the consumer goes away."""
-        request = self._request(body)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def callback(event):
-            if cancelled.is_set():
-                raise GenerationCancelled()
-            converted = _event(event)
-            if converted is not None:
-                loop.call_soon_threadsafe(events.put_nowait, converted)
-
-        work = asyncio.ensure_future(asyncio.to_thread(self._run, request, callback))
+        """Yields (event, data) pairs as the generation makes them. Streams of the same shape that
+        arrive within ``BATCH_WAIT_S`` share one pipeline batch; each gets only its own prompts'
+        events. If the consumer goes away, its events are dropped, and the generation stops at the
+        next step once no stream of the batch is left."""
+        job = _StreamJob(self._request(body), asyncio.Queue(), asyncio.get_running_loop())
+        self._enqueue_stream(job)
         try:
             while True:
-                getter = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield getter.result()
-                    continue
-                getter.cancel()
-                while not events.empty():
-                    yield events.get_nowait()
-                work.result()  # raises what the generation raised
-                return
+                item = await job.events.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            cancelled.set()  # consumer gone (or finished): the next callback stops the pipeline
+            job.cancelled.set()
+
+    def _enqueue_stream(self, job: "_StreamJob") -> None:
+        shape = _shape(job.request)
+        waiting = self.waiting_streams.setdefault(shape, [])
+        waiting.append(job)
+        if len(waiting) == 1:  # the first of its shape: the batch leaves after a short wait
+            asyncio.get_running_loop().call_later(BATCH_WAIT_S, self._launch_streams, shape)
+
+    def _launch_streams(self, shape) -> None:
+        waiting = self.waiting_streams.pop(shape, [])
+        for i in range(0, len(waiting), MAX_BATCH):
+            jobs = [job for job in waiting[i: i + MAX_BATCH] if not job.cancelled.is_set()]
+            if jobs:
+                asyncio.ensure_future(self._run_streams(jobs))
+
+    async def _run_streams(self, jobs: list["_StreamJob"]) -> None:
+        owners = [(job, local) for job in jobs for local in range(job.request.batch_size)]
+
+        def deliver(job, item):
+            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+
+        def callback(event):
+            if all(job.cancelled.is_set() for job in jobs):
+                raise GenerationCancelled()
+            converted = _event(event)
+            if converted is None:
+                return
+            name, data = converted
+            if event.prompt_index < 0:  # about the whole batch (steps, done): every stream gets it
+                for job in jobs:
+                    deliver(job, (name, data))
+                return
+            job, local = owners[event.prompt_index]
+            deliver(job, (name, {**data, "index": local}))
+
+        self.counts["largest_batch"] = max(self.counts["largest_batch"], len(jobs))
+        try:
+            await asyncio.to_thread(self._run, _merge([job.request for job in jobs]), callback)
+        except Exception as e:  # every stream of the batch hears about it
+            for job in jobs:
+                deliver(job, e)
+        for job in jobs:
+            deliver(job, _END)
 
     def _request(self, body: dict):
         try:

@@ -150,3 +150,25 @@ def test_a_full_queue_answers_503_and_a_slow_request_times_out(server):
     assert busy.headers["retry-after"] == "5" and "busy" in busy.json()["detail"]
     assert requests.get(f"{server}/healthz", timeout=30).status_code == 200
     serve.delete("one-slot")
+
+
+def test_concurrent_streams_of_one_shape_share_a_batch_and_get_only_their_own_events(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    generator = serve.get_deployment_handle("Generator", app_name="irg")
+    bodies = [{"prompt": p, **SMALL, "seed": s} for p, s in (("a green cone", 11), ("three cubes", 12))]
+
+    def stream(body):
+        with requests.post(f"{server}/v1/images/generations/stream", json=body, stream=True, timeout=120) as r:
+            assert r.status_code == 200
+            return list(read_events(r))
+
+    solo = [stream(b) for b in bodies]
+    before = generator.stats.remote().result()["completed"]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(stream, bodies))
+    assert generator.stats.remote().result()["completed"] == before + 1  # one pipeline call for both
+    for alone, shared in zip(solo, together):
+        assert [name for name, _ in shared] == [name for name, _ in alone]  # own events only, in order
+        assert all(d["index"] == 0 for n, d in shared if n in ("think", "image"))  # renumbered per stream
+        assert [d["text"] for n, d in shared if n == "think"] == [d["text"] for n, d in alone if n == "think"]
