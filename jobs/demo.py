@@ -24,6 +24,7 @@ from ray import serve
 
 from irg import cli, registry, storage
 from irg.data.synth import write_synthetic
+from irg.serve.api import parse_sse
 from irg.train import load_config, run_irgl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,7 +77,7 @@ def main() -> None:
     start = time.monotonic()
     with requests.post(f"{url}/v1/images/generations/stream", json=body, stream=True, timeout=300) as response:
         response.raise_for_status()
-        for name, event in sse_events(response):
+        for name, event in parse_sse(response.iter_lines(decode_unicode=True)):
             at = time.monotonic() - start
             if name == "think":
                 print(f"[{at:5.1f}s] round {event['round']} {'think' if event['round'] == 1 else 'reflection'}: "
@@ -103,15 +104,6 @@ def main() -> None:
           f"(then http://127.0.0.1:8000/)")
     print(f"registry:           .venv/bin/irg registry list {version.name}")
     print("object store:       .venv/bin/irg store status   (stop it with: .venv/bin/irg store down)")
-
-
-def sse_events(response):
-    name = None
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            yield name, json.loads(line.removeprefix("data: "))
 
 
 def free_port() -> int:

@@ -318,17 +318,22 @@ def test_one_image_for_every_ray_node():
 # --- tests: the RayJob ---------------------------------------------------------------------------
 
 
-def test_rayjob_fields_are_known_to_kuberay():
-    job = _only("RayJob", RAYJOB)
-    spec = job["spec"]
-    assert set(spec) <= RAYJOB_SPEC_FIELDS, f"unknown RayJob fields {set(spec) - RAYJOB_SPEC_FIELDS}"
-    cluster = spec["rayClusterSpec"]
+def _check_cluster_fields(cluster: dict) -> None:
+    """A RayCluster spec (inside a RayJob or RayService) uses only fields KubeRay knows."""
     assert set(cluster) <= RAYCLUSTER_SPEC_FIELDS, f"unknown fields {set(cluster) - RAYCLUSTER_SPEC_FIELDS}"
     assert set(cluster["headGroupSpec"]) <= HEAD_GROUP_FIELDS
     for group in cluster["workerGroupSpecs"]:
         unknown = set(group) - WORKER_GROUP_FIELDS
         assert not unknown, f"{group['groupName']}: unknown fields {unknown}"
     assert set(cluster.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS_FIELDS
+
+
+def test_rayjob_fields_are_known_to_kuberay():
+    job = _only("RayJob", RAYJOB)
+    spec = job["spec"]
+    assert set(spec) <= RAYJOB_SPEC_FIELDS, f"unknown RayJob fields {set(spec) - RAYJOB_SPEC_FIELDS}"
+    cluster = spec["rayClusterSpec"]
+    _check_cluster_fields(cluster)
     assert spec["shutdownAfterJobFinishes"] is True and isinstance(spec["ttlSecondsAfterFinished"], int)
     assert cluster["enableInTreeAutoscaling"] is True
     # KubeRay passes rayStartParams to `ray start` as strings; a YAML number would be rejected.
@@ -786,12 +791,7 @@ def test_rayservice_fields_are_known_to_kuberay():
     spec = service["spec"]
     assert set(spec) <= RAYSERVICE_SPEC_FIELDS, f"unknown RayService fields {set(spec) - RAYSERVICE_SPEC_FIELDS}"
     cluster = spec["rayClusterConfig"]
-    assert set(cluster) <= RAYCLUSTER_SPEC_FIELDS, f"unknown fields {set(cluster) - RAYCLUSTER_SPEC_FIELDS}"
-    assert set(cluster["headGroupSpec"]) <= HEAD_GROUP_FIELDS
-    for group in cluster["workerGroupSpecs"]:
-        unknown = set(group) - WORKER_GROUP_FIELDS
-        assert not unknown, f"{group['groupName']}: unknown fields {unknown}"
-    assert set(cluster.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS_FIELDS
+    _check_cluster_fields(cluster)
     # Serve asks for replicas; only the Ray autoscaler turns those into GPU pods.
     assert cluster["enableInTreeAutoscaling"] is True
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:

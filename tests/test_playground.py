@@ -12,20 +12,18 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import ray
 import requests
 from conftest import FIXTURE_DIR
 from PIL import Image
 from ray import serve
 from websockets.sync.client import connect
 
-from serve_apps.irg_app import PLAYGROUND, build_app
+from serve_apps.irg_app import PLAYGROUND
 
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "out" / "playground.png"
@@ -35,16 +33,8 @@ WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
-def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": str(FIXTURE_DIR), "device": "cpu"}), name="irg", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+def server(serve_url):
+    return serve_url
 
 
 # --- a minimal Chrome DevTools Protocol client --------------------------------------------------------

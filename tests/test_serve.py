@@ -2,42 +2,26 @@
 
 import base64
 import io
-import json
-import socket
 import time
 
 import pytest
-import ray
 import requests
 from conftest import FIXTURE_DIR
 from PIL import Image
 from ray import serve
 
-from serve_apps.irg_app import build_app
+from irg.serve.api import parse_sse
 
 SMALL = {"size": "64x64", "steps": 4, "rounds": 2, "max_think_tokens": 8, "seed": 7}
 
 
 @pytest.fixture(scope="module")
-def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": str(FIXTURE_DIR), "device": "cpu"}), name="irg", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+def server(serve_url):
+    return serve_url
 
 
 def read_events(response):
-    name = None
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            yield name, json.loads(line.removeprefix("data: "))
+    return parse_sse(response.iter_lines(decode_unicode=True))
 
 
 def test_a_streamed_request_yields_its_events_in_order(server):

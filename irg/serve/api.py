@@ -76,3 +76,13 @@ def response_body(model: str, outputs, created: int) -> dict:
 def sse(event: str, data: dict) -> str:
     """One server-sent event."""
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def parse_sse(lines):
+    """(event, data) pairs from the lines of a stream written by :func:`sse` (for clients)."""
+    name = None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            yield name, json.loads(line.removeprefix("data: "))
