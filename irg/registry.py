@@ -94,8 +94,11 @@ def log_model(model_uri: str, registered_model_name: str, run_id: str | None = N
 
 
 def _local_copy(uri: str, dest: str) -> str:
+    """``dest``, holding the checkpoint's files. MLflow names an artifact after the folder it copies and
+    readers look for ``checkpoint``, so a local folder is copied too (MLflow refuses links out of it)."""
     if not storage.is_remote(uri):
-        return uri
+        shutil.copytree(os.path.abspath(uri.removeprefix("file://")), dest)
+        return dest
     os.makedirs(dest)
     filesystem, path = storage.arrow_filesystem(uri)
     from pyarrow import fs as pafs
@@ -151,3 +154,26 @@ def checkpoint_path(model: str) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{model} is not an IRG model: it has no {CHECKPOINT_ARTIFACT} artifact")
     return path
+
+
+def checkpoint_uri(model: str) -> str:
+    """Like :func:`checkpoint_path`, but a registered model whose artifacts are in object storage gives
+    the checkpoint's ``s3://`` URI there instead of a local download, so Ray workers on any node load
+    it directly."""
+    if not model.startswith("models:/"):
+        return model
+    configure_tracking()
+    client = MlflowClient()
+    name, _, ref = model.removeprefix("models:/").partition("@")
+    if ref:
+        version = client.get_model_version_by_alias(name, ref)
+    else:
+        name, _, number = model.removeprefix("models:/").partition("/")
+        version = client.get_model_version(name, number)
+    location = None
+    if version.source.startswith("models:/m-"):
+        location = client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+    if location and location.startswith(("s3://", "s3a://")):
+        return storage.join(location, "artifacts", CHECKPOINT_ARTIFACT)
+    return checkpoint_path(model)
+
