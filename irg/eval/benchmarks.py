@@ -1,0 +1,94 @@
+"""The prompt sets: GenEval and WISE (shipped with the package), the synthetic shapes world, or a file.
+
+Every prompt becomes an :class:`EvalPrompt` with a stable ``id`` (the storage layout and the resume
+logic key on it), the ``category`` reports group by (GenEval's tag, WISE's category) and the
+benchmark's own record as ``metadata`` (what the scorers read).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+
+from irg import storage
+
+BENCHMARKS = ("geneval", "wise", "shapes")
+SHAPES_DEFAULT_PER_CATEGORY = 10
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    id: str
+    prompt: str
+    category: str
+    metadata: dict
+
+
+def load_benchmark(name: str, limit: int | None = None, seed: int = 0) -> list[EvalPrompt]:
+    """Prompts of ``name`` (one of :data:`BENCHMARKS`, or a GenEval-format ``.jsonl`` path or URI).
+
+    ``limit`` keeps the first N prompts; for ``shapes`` it is the number of prompts to draw (default
+    10 per GenEval category), from ``seed``.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: must be >= 1, got {limit}")
+    if name == "geneval":
+        prompts = _geneval_prompts(_packaged("geneval/evaluation_metadata.jsonl").splitlines(), "geneval")
+    elif name == "wise":
+        prompts = _wise_prompts(json.loads(_packaged("wise/final_data.json")))
+    elif name == "shapes":
+        return shapes_prompts(limit or SHAPES_DEFAULT_PER_CATEGORY * 6, seed)
+    elif name.endswith(".jsonl"):
+        if not storage.exists(name):
+            raise FileNotFoundError(f"benchmark: {name} does not exist")
+        with storage.open_file(name, "r") as f:
+            prompts = _geneval_prompts(f.read().splitlines(), name)
+    else:
+        raise ValueError(f"benchmark: unknown {name!r}, expected one of {BENCHMARKS} or a GenEval-format .jsonl file")
+    return prompts[:limit] if limit else prompts
+
+
+def shapes_prompts(count: int, seed: int = 0) -> list[EvalPrompt]:
+    """``count`` shapes-world prompts cycling through the six categories, as GenEval records."""
+    from irg.data.synth import CATEGORIES, geneval_metadata, sample_scene
+
+    rng = random.Random(f"shapes-eval:{seed}")
+    prompts = []
+    for i in range(count):
+        record = geneval_metadata(sample_scene(rng, CATEGORIES[i % len(CATEGORIES)]))
+        prompts.append(EvalPrompt(f"{i:05d}", record["prompt"], record["tag"], record))
+    return prompts
+
+
+def geneval_object_names() -> list[str]:
+    """The 80 COCO classes GenEval's detector knows."""
+    return [line.strip() for line in _packaged("geneval/object_names.txt").splitlines() if line.strip()]
+
+
+def _packaged(name: str) -> str:
+    return resources.files("irg.eval").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def _geneval_prompts(lines: list[str], source: str) -> list[EvalPrompt]:
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompt, tag, include = record["prompt"], record["tag"], record["include"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{source} line {number}: not a GenEval record ({type(e).__name__}: {e})") from e
+        if not isinstance(prompt, str) or not isinstance(include, list) or not include:
+            raise ValueError(f"{source} line {number}: needs a string prompt and a non-empty include list")
+        for req in include + record.get("exclude", []):
+            if not isinstance(req, dict) or not isinstance(req.get("class"), str) or not isinstance(req.get("count"), int):
+                raise ValueError(f"{source} line {number}: each include/exclude needs a class and an int count")
+        prompts.append(EvalPrompt(f"{len(prompts):05d}", prompt, tag, record))
+    return prompts
+
+
+def _wise_prompts(rows: list[dict]) -> list[EvalPrompt]:
+    return [EvalPrompt(f"{int(r['prompt_id']):05d}", r["Prompt"], r["Category"], r) for r in rows]
