@@ -88,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("model", help="checkpoint folder or s3:// URI")
     register.add_argument("name", help="registered model name")
     register.set_defaults(func=registry_register)
+
+    evaluation = commands.add_parser("eval", help="evaluation reports (the runs jobs/evaluate.py logs to MLflow)")
+    eval_commands = evaluation.add_subparsers(dest="eval_command", required=True)
+    compare = eval_commands.add_parser("compare", help="two evaluations side by side, round by round")
+    for run in ("run_a", "run_b"):
+        compare.add_argument(run, help="MLflow run id or evaluation name (its --name)")
+    compare.add_argument("--experiment", default="irg-eval", help="where names are looked up")
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(func=eval_compare)
+    show = eval_commands.add_parser("show", help="one evaluation's report")
+    show.add_argument("run", help="MLflow run id or evaluation name")
+    show.add_argument("--experiment", default="irg-eval")
+    show.set_defaults(func=eval_show)
     return parser
 
 
@@ -118,6 +131,21 @@ def registry_promote(args: argparse.Namespace) -> int:
 def registry_register(args: argparse.Namespace) -> int:
     version = _registry().log_model(args.model, args.name)
     print(f"registered {version.name} version {version.version} (models:/{version.name}/{version.version})")
+    return 0
+
+
+def eval_compare(args: argparse.Namespace) -> int:
+    from irg.eval.report import compare_table, load_run_report
+
+    a, b = (load_run_report(run, args.experiment) for run in (args.run_a, args.run_b))
+    print(json.dumps({"a": a.to_dict(), "b": b.to_dict()}, indent=2) if args.json else compare_table(a, b))
+    return 0
+
+
+def eval_show(args: argparse.Namespace) -> int:
+    from irg.eval.report import format_table, load_run_report
+
+    print(format_table(load_run_report(args.run, args.experiment)))
     return 0
 
 

@@ -3,9 +3,11 @@
 1. the embedded object store (SeaweedFS on 127.0.0.1) and synthetic IRGL data on it;
 2. IRGL stage 1 and stage 2 on the tiny model with Ray Train + DeepSpeed (2 CPU workers), tracked
    in MLflow (sqlite, artifacts on the store); the result registered and promoted to @champion;
-3. the registered model deployed on Ray Serve from ``models:/irg-tiny@champion``, one streamed
+3. the registered model evaluated on shapes-world prompts (a Ray Data actor pool draws both rounds,
+   the shapes scorer grades each round in GenEval's categories, the report goes to MLflow);
+4. the registered model deployed on Ray Serve from ``models:/irgl-demo@champion``, one streamed
    request, its images and texts saved to ``out/demo/``;
-4. where to look next.
+5. where to look next.
 
 Run again, it resumes: the data is kept, finished stages return at once.
 """
@@ -24,6 +26,8 @@ from ray import serve
 
 from irg import cli, registry, storage
 from irg.data.synth import write_synthetic
+from irg.eval.generate import GenerationSettings
+from irg.eval.run import EvalConfig, evaluate
 from irg.serve.api import parse_sse
 from irg.train import load_config, run_irgl
 
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "out" / "demo")
     parser.add_argument("--rows", type=int, default=64, help="synthetic rows per learning mode")
     parser.add_argument("--name", default="irgl-demo", help="run name (the same name resumes)")
+    parser.add_argument("--eval-prompts", type=int, default=12, help="shapes-world prompts to evaluate")
     args = parser.parse_args()
 
     say("object store")
@@ -63,6 +68,12 @@ def main() -> None:
     registry.promote(version.name, str(version.version), "champion")
     model = f"models:/{version.name}@champion"
     print(f"registered {version.name} version {version.version} and promoted it: {model}")
+
+    say(f"evaluating {model}: round 1 against round 2 on shapes-world prompts")
+    generation = GenerationSettings(height=64, width=64, steps=16, rounds=2, max_think_tokens=48)
+    evaluation = EvalConfig(model, "shapes", name=f"{args.name}-shapes", limit=args.eval_prompts,
+                            generation=generation, batch_size=4)
+    evaluate(evaluation)  # prints the table
 
     say(f"serving {model} on Ray Serve")
     from serve_apps.irg_app import build_app
@@ -103,6 +114,7 @@ def main() -> None:
     print(f"playground:         .venv/bin/serve run serve_apps.irg_app:app model={model} device=cpu   "
           f"(then http://127.0.0.1:8000/)")
     print(f"registry:           .venv/bin/irg registry list {version.name}")
+    print(f"evaluation:         .venv/bin/irg eval show {evaluation.name}   (images: {evaluation.output}/samples)")
     print("object store:       .venv/bin/irg store status   (stop it with: .venv/bin/irg store down)")
 
 

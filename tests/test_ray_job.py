@@ -2,43 +2,16 @@
 local `ray start --head`, with the data and checkpoints on the object store and MLflow on sqlite."""
 
 import json
-import os
-import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import RAY
 from mlflow import MlflowClient
 
 from irg.data.synth import write_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-@pytest.fixture
-def ray_env():
-    """Token authentication on, with a token of this test's own, for the head and every CLI call."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv's, as when activated
-    return env | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-
-
-@pytest.fixture
-def ray_head(ray_env):
-    """A head node started the way a user starts one, stopped afterwards whatever happens."""
-    dashboard = free_port()
-    env = ray_env
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
-    try:
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_the_irgl_job_runs_on_a_submitted_cluster(s3_server, tmp_path, ray_env, ray_head):

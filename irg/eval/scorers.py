@@ -1,0 +1,84 @@
+"""Which scorer an evaluation uses, as plain settings: checked on the driver before any generation,
+built again inside each scoring actor (a detector or a judge client does not travel well)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from irg.eval.scoring import Scorer
+
+SCORERS = ("shapes", "geneval", "wise")
+DEFAULT_SCORER = {"shapes": "shapes", "geneval": "geneval", "wise": "wise"}
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    kind: str = "shapes"
+    # geneval: local Hugging Face folders (no download at run time)
+    detector: str | None = None  # Mask2Former, COCO instance segmentation
+    color_classifier: str | None = None  # CLIP
+    # wise: an OpenAI-compatible chat endpoint with images
+    judge_url: str | None = None  # e.g. http://vllm:8000/v1
+    judge_model: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
+    judge_requests_per_minute: float | None = None
+    judge_concurrency: int = 4
+    judge_cache: str | None = None  # folder or s3:// URI; default: <output>/judge-cache
+    judge_template: str | None = None  # a file holding the judge prompt ({prompt}, {explanation})
+    device: str = "auto"
+
+    def check(self) -> None:
+        """Fail before generating anything when the scorer could not be built."""
+        if self.kind not in SCORERS:
+            raise ValueError(f"scorer: unknown {self.kind!r}, expected one of {SCORERS}")
+        if self.kind == "geneval":
+            for flag, path in (("--detector", self.detector), ("--color-classifier", self.color_classifier)):
+                if not path:
+                    raise ValueError(f"scorer geneval needs {flag}: a local Hugging Face checkpoint folder")
+                if not os.path.isfile(os.path.join(path, "config.json")):
+                    raise FileNotFoundError(f"{flag} {path}: no config.json there (a local Hugging Face checkpoint "
+                                            "folder is expected; nothing is downloaded at run time)")
+        if self.kind == "wise":
+            if not self.judge_url or not self.judge_model:
+                raise ValueError("scorer wise needs --judge-url (an OpenAI-compatible /v1 endpoint) and --judge-model")
+            if self.judge_template and not os.path.isfile(self.judge_template):
+                raise FileNotFoundError(f"--judge-template {self.judge_template} does not exist")
+
+    @property
+    def overall(self) -> str:
+        """GenEval: the mean of the category means; WISE: categories weighted by their prompt counts."""
+        return "prompts" if self.kind == "wise" else "categories"
+
+    @property
+    def gpus(self) -> int:
+        """GPUs a scoring actor asks for where there are GPUs (the judge runs elsewhere)."""
+        return 1 if self.kind == "geneval" and self.device != "cpu" else 0
+
+    def build(self, cache: str | None = None) -> Scorer:
+        if self.kind == "shapes":
+            from irg.eval.geneval import shapes_scorer
+
+            return shapes_scorer()
+        if self.kind == "geneval":
+            import torch
+
+            from irg.eval.geneval import GenEvalScorer
+            from irg.eval.hf_detection import ClipColorClassifier, Mask2FormerDetector
+
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+            return GenEvalScorer(Mask2FormerDetector(self.detector, device), ClipColorClassifier(self.color_classifier,
+                                                                                                 device))
+        if self.kind == "wise":
+            from irg.eval.judge import JudgeClient
+            from irg.eval.wise import WISE_TEMPLATE, WiseScorer
+
+            judge = JudgeClient(self.judge_url, self.judge_model, os.environ.get(self.judge_api_key_env) or None,
+                                requests_per_minute=self.judge_requests_per_minute,
+                                max_concurrency=self.judge_concurrency, cache_dir=self.judge_cache or cache)
+            template = WISE_TEMPLATE
+            if self.judge_template:
+                with open(self.judge_template) as f:
+                    template = f.read()
+            return WiseScorer(judge, template=template)
+        raise ValueError(f"scorer: unknown {self.kind!r}, expected one of {SCORERS}")

@@ -1,0 +1,79 @@
+"""Evaluate a model on a benchmark, round 1 against round 2: images on a Ray Data actor pool, saved to
+object storage as they are made, scored per round, reported to MLflow.
+
+    ray job submit --working-dir . -- python jobs/evaluate.py --model models:/irg@champion --benchmark geneval \\
+        --samples 4 --detector /models/mask2former-swin-s-coco --color-classifier /models/clip-vit-l-14
+
+Submitting again with the same --name resumes: finished samples are kept, the rest are generated, and
+the same MLflow run gets the report. Compare two evaluations with `irg eval compare NAME_A NAME_B`.
+"""
+
+import argparse
+import logging
+import sys
+
+from irg.eval.benchmarks import BENCHMARKS
+from irg.eval.generate import DTYPES, GenerationSettings
+from irg.eval.run import EXPERIMENT, EvalConfig, evaluate
+from irg.eval.scorers import SCORERS, ScorerSpec
+from irg.pipeline import InvalidRequestError
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint folder, s3:// URI or models:/NAME@ALIAS")
+    parser.add_argument("--benchmark", default="shapes", help=f"{', '.join(BENCHMARKS)} or a GenEval-format .jsonl")
+    parser.add_argument("--name", help="evaluation name (default: <benchmark>-<model>); reuse it to resume")
+    parser.add_argument("--output", help="folder or s3:// URI (default: <store>/eval/<name>)")
+    parser.add_argument("--limit", type=int, help="first N prompts (shapes: N prompts drawn from --seed)")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--size", type=int, default=1024, help="image side in pixels (multiple of 16)")
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--rounds", type=int, default=2)
+    gen.add_argument("--samples", type=int, default=1, help="images per prompt (GenEval's protocol: 4)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-think-tokens", type=int, default=1024)
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="on GPU (CPU runs fp32)")
+    gen.add_argument("--workers", type=int, help="generator actors (default: one per GPU, else one)")
+    gen.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call")
+    gen.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    score = parser.add_argument_group("scoring")
+    score.add_argument("--scorer", choices=SCORERS, help="default: the benchmark's own (a .jsonl: geneval)")
+    score.add_argument("--score-workers", type=int, default=1, help="scoring actors")
+    score.add_argument("--detector", help="geneval: local Hugging Face Mask2Former (COCO instance) folder")
+    score.add_argument("--color-classifier", help="geneval: local Hugging Face CLIP folder")
+    score.add_argument("--judge-url", help="wise: OpenAI-compatible endpoint, e.g. http://vllm:8000/v1")
+    score.add_argument("--judge-model", help="wise: the judge's model name on that endpoint")
+    score.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="variable holding the judge's key")
+    score.add_argument("--judge-rpm", type=float, help="judge requests per minute (default: no limit)")
+    score.add_argument("--judge-concurrency", type=int, default=4)
+    score.add_argument("--judge-cache", help="verdict cache folder or s3:// URI (default: <output>/judge-cache)")
+    score.add_argument("--judge-template", help="a file with the judge prompt ({prompt}, {explanation})")
+    parser.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment")
+    args = parser.parse_args()
+
+    try:
+        scorer = None
+        if args.scorer or args.detector or args.judge_url:
+            kind = args.scorer or ("geneval" if args.detector else "wise")
+            scorer = ScorerSpec(kind, args.detector, args.color_classifier, args.judge_url, args.judge_model,
+                                args.judge_api_key_env, args.judge_rpm, args.judge_concurrency, args.judge_cache,
+                                args.judge_template, args.device)
+        generation = GenerationSettings(args.size, args.size, args.steps, args.rounds, args.samples, args.seed,
+                                        args.max_think_tokens, dtype=args.dtype)
+        cfg = EvalConfig(args.model, args.benchmark, args.name, args.output, args.limit, generation, scorer,
+                         args.workers, args.batch_size, args.score_workers, args.device, args.experiment)
+    except ValueError as e:
+        parser.error(str(e))
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        report = evaluate(cfg)
+    except (ValueError, FileNotFoundError, PermissionError, InvalidRequestError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"report: {cfg.output}/report.json; MLflow experiment {cfg.experiment!r}, run {report.meta.get('run_id')}")
+
+
+if __name__ == "__main__":
+    main()
