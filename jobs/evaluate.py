@@ -19,7 +19,7 @@ from irg.eval.scorers import SCORERS, ScorerSpec
 from irg.pipeline import InvalidRequestError
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder, s3:// URI or models:/NAME@ALIAS")
     parser.add_argument("--benchmark", default="shapes", help=f"{', '.join(BENCHMARKS)} or a GenEval-format .jsonl")
@@ -50,19 +50,28 @@ def main() -> None:
     score.add_argument("--judge-cache", help="verdict cache folder or s3:// URI (default: <output>/judge-cache)")
     score.add_argument("--judge-template", help="a file with the judge prompt ({prompt}, {explanation})")
     parser.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment")
-    args = parser.parse_args()
+    return parser
 
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The evaluation the arguments describe (ValueError for settings that cannot work)."""
+    scorer = None
+    if args.scorer or args.detector or args.judge_url:
+        kind = args.scorer or ("geneval" if args.detector else "wise")
+        scorer = ScorerSpec(kind, args.detector, args.color_classifier, args.judge_url, args.judge_model,
+                            args.judge_api_key_env, args.judge_rpm, args.judge_concurrency, args.judge_cache,
+                            args.judge_template, args.device)
+    generation = GenerationSettings(args.size, args.size, args.steps, args.rounds, args.samples, args.seed,
+                                    args.max_think_tokens, dtype=args.dtype)
+    return EvalConfig(args.model, args.benchmark, args.name, args.output, args.limit, generation, scorer,
+                      args.workers, args.batch_size, args.score_workers, args.device, args.experiment)
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
     try:
-        scorer = None
-        if args.scorer or args.detector or args.judge_url:
-            kind = args.scorer or ("geneval" if args.detector else "wise")
-            scorer = ScorerSpec(kind, args.detector, args.color_classifier, args.judge_url, args.judge_model,
-                                args.judge_api_key_env, args.judge_rpm, args.judge_concurrency, args.judge_cache,
-                                args.judge_template, args.device)
-        generation = GenerationSettings(args.size, args.size, args.steps, args.rounds, args.samples, args.seed,
-                                        args.max_think_tokens, dtype=args.dtype)
-        cfg = EvalConfig(args.model, args.benchmark, args.name, args.output, args.limit, generation, scorer,
-                         args.workers, args.batch_size, args.score_workers, args.device, args.experiment)
+        cfg = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
 

@@ -20,11 +20,14 @@ import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST_DIRS = (ROOT / "cluster", ROOT / "infra")
 RAYJOB = ROOT / "cluster/kuberay/irgl-rayjob.yaml"
+EVAL_RAYJOB = ROOT / "cluster/kuberay/eval-rayjob.yaml"
+RAYJOBS = (RAYJOB, EVAL_RAYJOB)
 AUTOSCALER = ROOT / "cluster/autoscaler/irgl-aws.yaml"
 MLFLOW = ROOT / "infra/mlflow/mlflow.yaml"
 DOCKERFILE = ROOT / "infra/docker/Dockerfile"
@@ -328,8 +331,9 @@ def _check_cluster_fields(cluster: dict) -> None:
     assert set(cluster.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS_FIELDS
 
 
-def test_rayjob_fields_are_known_to_kuberay():
-    job = _only("RayJob", RAYJOB)
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_rayjob_fields_are_known_to_kuberay(path):
+    job = _only("RayJob", path)
     spec = job["spec"]
     assert set(spec) <= RAYJOB_SPEC_FIELDS, f"unknown RayJob fields {set(spec) - RAYJOB_SPEC_FIELDS}"
     cluster = spec["rayClusterSpec"]
@@ -358,16 +362,42 @@ def test_rayjob_entrypoint_runs_repo_files_from_the_repo_root():
     assert job["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode"
 
 
-def test_rayjob_head_runs_no_tasks():
-    head = _only("RayJob", RAYJOB)["spec"]["rayClusterSpec"]["headGroupSpec"]
+def test_eval_rayjob_entrypoint_parses_and_its_actors_fit_the_gpus():
+    """The evaluation job's arguments as jobs/evaluate.py reads them; its generators and scorer (one
+    GPU each, scorer after generation) fit the GPU group; the detector folders are on the mounted volume."""
+    import importlib.util
+
+    job = _only("RayJob", EVAL_RAYJOB)
+    argv = _entrypoint_argv(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/evaluate.py"]
+    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs/evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.build_parser().parse_args(argv[2:])
+    cfg = module.config_from_args(args)
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == _dockerfile(DOCKERFILE)["workdir"]
+    cluster = _ray_cluster(job)
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get(GPU, 0)) * g["maxReplicas"]
+               for g in cluster["workerGroupSpecs"])
+    assert cfg.workers <= gpus and (cfg.scorer.gpus * cfg.score_workers) <= gpus
+    mounts = {m["mountPath"] for g in cluster["workerGroupSpecs"]
+              for m in g["template"]["spec"]["containers"][0].get("volumeMounts", [])}
+    for folder in (cfg.scorer.detector, cfg.scorer.color_classifier):
+        assert any(folder.startswith(m.rstrip("/") + "/") for m in mounts), f"{folder} is not on a mounted volume"
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_rayjob_head_runs_no_tasks(path):
+    head = _only("RayJob", path)["spec"]["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"].get("num-cpus") == "0"
     assert head["rayStartParams"].get("num-gpus", "0") == "0"
     for container in head["template"]["spec"]["containers"]:
         assert GPU not in container.get("resources", {}).get("limits", {}), "the head requests a GPU"
 
 
-def test_rayjob_gpu_groups_match_their_ray_resources():
-    _assert_gpu_groups_match_their_ray_resources(_ray_cluster(_only("RayJob", RAYJOB)))
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_rayjob_gpu_groups_match_their_ray_resources(path):
+    _assert_gpu_groups_match_their_ray_resources(_ray_cluster(_only("RayJob", path)))
 
 
 def _assert_gpu_groups_match_their_ray_resources(cluster: dict) -> None:
