@@ -151,3 +151,17 @@ def test_shapes_scorer_passes_correct_images_and_fails_the_flawed_ones(category)
         flawed.append(bad.score)
     assert sum(correct) / len(correct) >= 0.96
     assert sum(flawed) / len(flawed) <= 0.04
+
+
+def test_a_colourful_mess_is_not_read_as_shapes():
+    """An untrained generator draws smooth colour noise; the shapes detector must find nothing in it."""
+    import numpy as np
+    from PIL import Image
+
+    from irg.data.synth import measure
+
+    rng = np.random.default_rng(0)
+    for size in (64, 128):
+        for _ in range(15):
+            coarse = Image.fromarray(rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8))
+            assert measure(coarse.resize((size, size), Image.BILINEAR)) == []

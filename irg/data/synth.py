@@ -239,6 +239,8 @@ def measure(image: Image.Image, min_area: float = 0.004) -> list[Detection]:
             if distance > MAX_SHAPE_DISTANCE or _solidity(blob) < MIN_SOLIDITY:
                 continue
             ys, xs = region
+            if _background_around(nearest, labels == label) < MIN_BACKGROUND_AROUND:
+                continue
             found.append(Detection(shape, color, (xs.start, ys.start, xs.stop, ys.stop), area))
     return sorted(found, key=lambda d: (d.box[1], d.box[0]))
 
@@ -251,6 +253,7 @@ SHAPE_FEATURE_WEIGHTS = np.array([4.0, 1.0, 1.0])
 MAX_SHAPE_DISTANCE = 1.2  # weighted distance to the nearest prototype
 MIN_SOLIDITY = 0.75  # blob area over its convex hull's: the shapes are convex, noise blobs are not
 COLOR_TOLERANCE = 60  # RGB distance within which a pixel counts as a palette colour
+MIN_BACKGROUND_AROUND = 0.4  # shapes stand on the plain background; a blob in a colourful mess is noise
 
 
 def _nearest_shape(blob: np.ndarray) -> tuple[str, float]:
@@ -258,6 +261,13 @@ def _nearest_shape(blob: np.ndarray) -> tuple[str, float]:
     distances = {s: float(np.linalg.norm((features - p) * SHAPE_FEATURE_WEIGHTS)) for s, p in SHAPE_PROTOTYPES.items()}
     shape = min(distances, key=distances.get)
     return shape, distances[shape]
+
+
+def _background_around(nearest: np.ndarray, blob: np.ndarray) -> float:
+    """The share of background pixels in a ring 2-3 pixels out from ``blob`` (past any blurred edge)."""
+    inner = ndimage.binary_dilation(blob, iterations=2)
+    ring = ndimage.binary_dilation(inner) & ~inner
+    return float((nearest[ring] == 0).mean()) if ring.any() else 1.0
 
 
 def _solidity(blob: np.ndarray) -> float:
