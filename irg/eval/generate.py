@@ -134,13 +134,15 @@ def generate_samples(model: str, prompts: list[EvalPrompt], output: str, setting
     if not ray.is_initialized():
         ray.init()
     gpus = int(ray.cluster_resources().get("GPU", 0)) if device in ("auto", "cuda") else 0
+    if device == "cuda" and not gpus:
+        raise ValueError("device cuda: the Ray cluster has no GPUs (use --device auto or cpu)")
     workers = workers or max(gpus, 1)
     per_worker = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     dataset = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / batch_size)))
     generated = dataset.map_batches(
         ImageGenerator, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
         fn_constructor_kwargs={"model": model, "output": output, "settings": asdict(settings),
-                               "device": "cuda" if gpus else "cpu" if device == "auto" else device},
+                               "device": "cuda" if gpus else "cpu"},
         **per_worker)
     seconds = [row["seconds"] for row in generated.iter_rows()]
     log.info("generated %d samples, %.2f s per sample per worker", len(seconds), float(np.mean(seconds)))
