@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+# Short dtype names users type (CLI flags, job arguments) -> torch attribute names.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 

@@ -33,10 +33,10 @@ class IRGModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
 
-        from irg.pipeline import IRGPipeline
+        from irg.pipeline import IRGPipeline, resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        device = resolve_device("auto")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.pipe = IRGPipeline.from_pretrained(context.artifacts[CHECKPOINT_ARTIFACT], device=device, dtype=dtype)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

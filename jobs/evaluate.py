@@ -12,11 +12,13 @@ import argparse
 import logging
 import sys
 
+from mlflow.exceptions import MlflowException
+
+from irg.cli import DTYPES
 from irg.eval.benchmarks import BENCHMARKS
-from irg.eval.generate import DTYPES, GenerationSettings
+from irg.eval.generate import GenerationSettings
 from irg.eval.run import EXPERIMENT, EvalConfig, evaluate
 from irg.eval.scorers import SCORERS, ScorerSpec
-from irg.pipeline import InvalidRequestError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +80,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         report = evaluate(cfg)
-    except (ValueError, FileNotFoundError, PermissionError, InvalidRequestError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, MlflowException) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"report: {cfg.output}/report.json; MLflow experiment {cfg.experiment!r}, run {report.meta.get('run_id')}")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+REPO = Path(__file__).resolve().parent.parent
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "bagel_tiny"
 GOLDEN_DIR = FIXTURE_DIR / "golden"
 

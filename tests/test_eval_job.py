@@ -5,17 +5,15 @@ again: it keeps what was finished, generates the rest and reports to the same ML
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import FIXTURE_DIR, RAY
+from conftest import FIXTURE_DIR, RAY, REPO
 from mlflow import MlflowClient
 
 from irg import registry, storage
 from irg.cli import main as irg_main
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = 12
 
 

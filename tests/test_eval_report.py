@@ -52,7 +52,7 @@ def test_report_per_round_categories_overall_and_delta():
 
 def test_a_generator_writes_rounds_then_the_record_and_resume_sees_only_finished_samples(tmp_path):
     settings = GenerationSettings(height=32, width=32, steps=3, rounds=2, max_think_tokens=4)
-    generator = ImageGenerator(str(FIXTURE_DIR), str(tmp_path), vars(settings), device="cpu")
+    generator = ImageGenerator(str(FIXTURE_DIR), str(tmp_path), settings, device="cpu")
     seed = sample_seed(0, "00000", 0)
     assert seed == sample_seed(0, "00000", 0) != sample_seed(0, "00000", 1) != sample_seed(1, "00000", 0)
     out = generator({"prompt_id": ["00000"], "sample": [0], "prompt": ["a photo of a circle"], "seed": [seed]})

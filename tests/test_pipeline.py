@@ -178,3 +178,9 @@ def test_given_images_skip_sampling(pipe):
     out = pipe("a red cube", rounds=2, seed=0, images=[draft], callback=events.append, **SMALL)
     assert out.images[0] is draft and out.latents[0] is None
     assert {e.round for e in events if e.kind == "step"} == {1}
+
+
+def test_auto_device_is_cuda_where_there_is_one_else_cpu():
+    from irg.pipeline import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,18 +14,16 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import FIXTURE_DIR
+from conftest import FIXTURE_DIR, REPO
 from PIL import Image
 from ray import serve
 from websockets.sync.client import connect
 
 from serve_apps.irg_app import PLAYGROUND
 
-REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "out" / "playground.png"
 CHROMIUM = "/usr/bin/chromium"
 PROMPT = "a red cube on the left of a blue ball"

@@ -3,15 +3,12 @@ local `ray start --head`, with the data and checkpoints on the object store and 
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
-from conftest import RAY
+from conftest import RAY, REPO
 from mlflow import MlflowClient
 
 from irg.data.synth import write_synthetic
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_irgl_job_runs_on_a_submitted_cluster(s3_server, tmp_path, ray_env, ray_head):

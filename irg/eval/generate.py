@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image
 
 from irg import storage
+from irg.cli import DTYPES
 from irg.eval.benchmarks import EvalPrompt
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -83,15 +83,14 @@ def read_image(output: str, prompt_id: str, sample: int, round_index: int) -> Im
 class ImageGenerator:
     """One model replica (a Ray Data actor): a batch of (prompt, sample) rows in, files written, rows out."""
 
-    def __init__(self, model: str, output: str, settings: dict, device: str = "auto"):
+    def __init__(self, model: str, output: str, settings: GenerationSettings, device: str = "auto"):
         import torch
 
-        from irg.pipeline import IRGPipeline
+        from irg.pipeline import IRGPipeline, resolve_device
 
-        self.settings = GenerationSettings(**settings)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = getattr(torch, DTYPES[self.settings.dtype]) if device != "cpu" else torch.float32
+        self.settings = settings
+        device = resolve_device(device)
+        dtype = getattr(torch, DTYPES[settings.dtype]) if device.type != "cpu" else torch.float32
         self.pipe = IRGPipeline.from_pretrained(model, device=device, dtype=dtype)
         self.output = output
 
@@ -141,7 +140,7 @@ def generate_samples(model: str, prompts: list[EvalPrompt], output: str, setting
     dataset = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / batch_size)))
     generated = dataset.map_batches(
         ImageGenerator, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
-        fn_constructor_kwargs={"model": model, "output": output, "settings": asdict(settings),
+        fn_constructor_kwargs={"model": model, "output": output, "settings": settings,
                                "device": "cuda" if gpus else "cpu"},
         **per_worker)
     seconds = [row["seconds"] for row in generated.iter_rows()]

@@ -33,7 +33,7 @@ COLOR_TEMPLATES = (
 BACKGROUND = (0x99, 0x99, 0x99)
 
 
-def _local_checkpoint(path: str | Path, what: str, repo: str) -> Path:
+def local_checkpoint(path: str | Path, what: str, repo: str) -> Path:
     """``path`` as a folder holding a saved checkpoint, or a FileNotFoundError that says how to get one."""
     folder = Path(path)
     if (folder / "config.json").is_file():
@@ -58,9 +58,11 @@ class Mask2FormerDetector:
     ported as facebook/mask2former-swin-small-coco-instance) with its image processor.
     """
 
+    CHECKPOINT = ("a local Hugging Face Mask2Former COCO-instance checkpoint",
+                  "facebook/mask2former-swin-small-coco-instance")  # what the folder holds, where to get it
+
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        folder = _local_checkpoint(path, "a local Hugging Face Mask2Former COCO-instance checkpoint",
-                                   "facebook/mask2former-swin-small-coco-instance")
+        folder = local_checkpoint(path, *self.CHECKPOINT)
         self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         self.model = Mask2FormerForUniversalSegmentation.from_pretrained(
             folder, local_files_only=True, dtype=dtype).to(device).eval()
@@ -109,9 +111,11 @@ class ClipColorClassifier:
     openai/clip-vit-large-patch14) with its tokenizer and image processor.
     """
 
+    CHECKPOINT = ("a local Hugging Face CLIP checkpoint", "openai/clip-vit-large-patch14")
+
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  batch_size: int = 16):
-        folder = _local_checkpoint(path, "a local Hugging Face CLIP checkpoint", "openai/clip-vit-large-patch14")
+        folder = local_checkpoint(path, *self.CHECKPOINT)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         self.model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=dtype).to(device).eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections import Counter
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
@@ -47,13 +48,11 @@ def build_report(name: str, scorer: str, overall: str, prompts: list[EvalPrompt]
                  rounds: int) -> Report:
     """Per round, the category means over every sample's score (rows from the scorer) and the overall."""
     category = {p.id: p.category for p in prompts}
-    summaries, counts = {}, {}
+    summaries = {}
     for r in range(1, rounds + 1):
         scored = [(category[row["prompt_id"]], row["score"]) for row in rows if row["round"] == r]
         summaries[f"round{r}"] = summarize(scored, overall)
-        for c, _ in scored:
-            counts[c] = counts.get(c, 0) + 1
-    counts = {c: n // rounds for c, n in counts.items()}
+    counts = dict(Counter(category[row["prompt_id"]] for row in rows if row["round"] == 1))
     failures = sum(1 for row in rows if "parse_error" in row["details"])
     return Report(name, scorer, summaries, counts, failures)
 

@@ -88,13 +88,11 @@ def score_samples(cfg: EvalConfig, prompts: list[EvalPrompt]) -> list[dict]:
     """Score every round of every finished sample on ``score_workers`` Ray Data actors."""
     import ray
 
-    done = finished_samples(cfg.output)
-    items = [{"prompt_id": p.id, "sample": k, "round": r} for p in prompts for k in range(cfg.generation.samples)
-             if (p.id, k) in done for r in range(cfg.generation.rounds)]
-    missing = len(prompts) * cfg.generation.samples - len(done & {(p.id, k) for p in prompts
-                                                                    for k in range(cfg.generation.samples)})
+    expected = [(p.id, k) for p in prompts for k in range(cfg.generation.samples)]
+    missing = set(expected) - finished_samples(cfg.output)
     if missing:
-        raise RuntimeError(f"{missing} samples are missing under {cfg.output} after generation")
+        raise RuntimeError(f"{len(missing)} samples are missing under {cfg.output} after generation")
+    items = [{"prompt_id": p, "sample": k, "round": r} for p, k in expected for r in range(cfg.generation.rounds)]
     gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.scorer.gpus else 0
     dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 16, 64)))
     scored = dataset.map_batches(

@@ -33,12 +33,13 @@ class ScorerSpec:
         if self.kind not in SCORERS:
             raise ValueError(f"scorer: unknown {self.kind!r}, expected one of {SCORERS}")
         if self.kind == "geneval":
-            for flag, path in (("--detector", self.detector), ("--color-classifier", self.color_classifier)):
+            from irg.eval.hf_detection import ClipColorClassifier, Mask2FormerDetector, local_checkpoint
+
+            for flag, path, model in (("--detector", self.detector, Mask2FormerDetector),
+                                      ("--color-classifier", self.color_classifier, ClipColorClassifier)):
                 if not path:
                     raise ValueError(f"scorer geneval needs {flag}: a local Hugging Face checkpoint folder")
-                if not os.path.isfile(os.path.join(path, "config.json")):
-                    raise FileNotFoundError(f"{flag} {path}: no config.json there (a local Hugging Face checkpoint "
-                                            "folder is expected; nothing is downloaded at run time)")
+                local_checkpoint(path, *model.CHECKPOINT)
         if self.kind == "wise":
             if not self.judge_url or not self.judge_model:
                 raise ValueError("scorer wise needs --judge-url (an OpenAI-compatible /v1 endpoint) and --judge-model")
@@ -61,12 +62,11 @@ class ScorerSpec:
 
             return shapes_scorer()
         if self.kind == "geneval":
-            import torch
-
             from irg.eval.geneval import GenEvalScorer
             from irg.eval.hf_detection import ClipColorClassifier, Mask2FormerDetector
+            from irg.pipeline import resolve_device
 
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+            device = resolve_device(self.device)
             return GenEvalScorer(Mask2FormerDetector(self.detector, device), ClipColorClassifier(self.color_classifier,
                                                                                                  device))
         if self.kind == "wise":

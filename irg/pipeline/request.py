@@ -205,7 +205,10 @@ def _check_noise_shapes(config: BagelConfig, request: GenerationRequest) -> None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """A usable torch device, or an :class:`InvalidRequestError` that says why not."""
+    """A usable torch device (``"auto"``: CUDA where there is one, else the CPU), or an
+    :class:`InvalidRequestError` that says why not."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
