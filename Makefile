@@ -27,7 +27,9 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 browser:
 	command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
 
+# Lint first: a finding fails the target before the (long) suite runs.
 test: install browser
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:

@@ -259,7 +259,8 @@ def main() -> dict:
             "image_size": args.image_size, "steps": args.steps, "rounds": 2, "think_tokens": think_len,
             "think_s": round(2 * think_round_s, 3), "pipeline_s": round(pipeline_s, 3),
             "total_s": round(2 * think_round_s + pipeline_s, 3),
-            "think_estimate_from_decode_median_s": round(2 * args.think_tokens * result["decode_step"]["median_ms"] / 1e3, 3),
+            "think_estimate_from_decode_median_s": round(
+                2 * args.think_tokens * result["decode_step"]["median_ms"] / 1e3, 3),
             "pipeline_timings_s": {k: round(v, 3) for k, v in out.timings.items()},
             "peak_memory_gib": round(peak_memory_gib(device), 3),
         }

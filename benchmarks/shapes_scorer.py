@@ -52,7 +52,8 @@ def main() -> None:
                     flawed_scene, _ = flaw(scene, draw)
                     seed = draw.getrandbits(64)
                     prompt = EvalPrompt(str(i), "", category, geneval_metadata(scene))
-                    pair = [degrade(render(s, size, random.Random(seed)), blur, noise, rng) for s in (scene, flawed_scene)]
+                    pair = [degrade(render(s, size, random.Random(seed)), blur, noise, rng)
+                            for s in (scene, flawed_scene)]
                     good, bad = scorer.score([(prompt, pair[0]), (prompt, pair[1])])
                     scores[category]["correct"].append(good.score)
                     scores[category]["flawed"].append(bad.score)

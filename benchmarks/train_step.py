@@ -122,7 +122,8 @@ def main() -> None:
     tokens = sum(r.tokens for r in results)
     flops = sum(r.flops for r in results)
     report = {
-        "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": args.dtype, "zero_stage": args.zero_stage, "deepspeed": deepspeed.__version__,
         "torch": torch.__version__, "activation_checkpointing": args.activation_checkpointing,
         "parameters": sum(p.numel() for p in model.parameters()),

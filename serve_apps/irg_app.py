@@ -7,9 +7,10 @@ Endpoints: ``POST /v1/images/generations`` (JSON: think texts and base64 PNGs of
 ``POST /v1/images/generations/stream`` (server-sent events as they happen: think, step, image,
 done), ``GET /healthz``, ``GET /v1/models``. Bodies are checked before any model work and a bad one
 gets a 4xx naming the field. Concurrent requests of the same shape (JSON ones together, streams
-together) are batched into one pipeline call (their denoising passes share each forward); a replica runs one pipeline call at a
-time, holds up to ``max_ongoing_requests``, Serve queues ``max_queued_requests`` more and answers
-503 beyond that. A client that disconnects stops its generation at the next step.
+together) are batched into one pipeline call (their denoising passes share each forward); a replica
+runs one pipeline call at a time, holds up to ``max_ongoing_requests``, Serve queues
+``max_queued_requests`` more and answers 503 beyond that. A client that disconnects stops its
+generation at the next step.
 """
 
 import asyncio

@@ -287,7 +287,8 @@ def test_versions_match_pyproject_pins():
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == pins["ray"], "rayVersion differs from the ray pin"
     service = _only("RayService", RAYSERVICE)
     assert service["apiVersion"] == "ray.io/v1"
-    assert service["spec"]["rayClusterConfig"]["rayVersion"] == pins["ray"], "RayService rayVersion differs from the pin"
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == pins["ray"], \
+        "RayService rayVersion differs from the pin"
 
     image = _dockerfile(DOCKERFILE)
     repo, _, tag = image["image"].partition(":")
@@ -742,7 +743,8 @@ def test_serve_configs_are_valid_for_ray():
                 # would never be reached, and the deployment would never scale up.
                 max_ongoing = d.get("max_ongoing_requests")
                 assert max_ongoing is None or scaling.target_ongoing_requests <= max_ongoing, (
-                    f"{at}: target_ongoing_requests {scaling.target_ongoing_requests} > max_ongoing_requests {max_ongoing}"
+                    f"{at}: target_ongoing_requests {scaling.target_ongoing_requests} "
+                    f"> max_ongoing_requests {max_ongoing}"
                 )
 
 
@@ -767,7 +769,8 @@ def test_serve_configs_name_the_app_builder_and_its_deployments():
             read = set(re.findall(r"\bargs(?:\.get\(|\[)\s*[\"'](\w+)[\"']", source))
             args = app.get("args") or {}
             assert "model" in args, f"{where}: no model in args"
-            assert set(args) <= read, f"{where}: args {sorted(set(args) - read)} not read by the builder ({sorted(read)})"
+            assert set(args) <= read, \
+                f"{where}: args {sorted(set(args) - read)} not read by the builder ({sorted(read)})"
             assert args.get("device", "auto") in SERVE_DEVICES, f"{where}: device {args['device']!r}"
             assert args.get("dtype", "auto") in SERVE_DTYPES, f"{where}: dtype {args['dtype']!r}"
             # A replica on "cuda" needs a GPU reserved for it; one on "cpu" must not hold one.
@@ -775,7 +778,8 @@ def test_serve_configs_name_the_app_builder_and_its_deployments():
             if args.get("device") == "cuda":
                 assert gpus >= 1, f"{where}: device cuda but the Generator reserves no GPU"
             if args.get("device") == "cpu":
-                assert gpus == 0, f"{where}: device cpu but the Generator reserves {gpus} GPU (never starts without one)"
+                assert gpus == 0, \
+                    f"{where}: device cpu but the Generator reserves {gpus} GPU (never starts without one)"
 
 
 def test_local_serve_config_runs_from_the_repository():
@@ -888,7 +892,8 @@ def test_rayservice_gpu_groups_fit_the_generator():
             # Replicas a pod holds: limited by its GPUs and by its CPUs.
             capacity += min(int(pod_gpus // gpus), int(pod_cpus // cpus)) * group["maxReplicas"]
     max_replicas = generator["autoscaling_config"]["max_replicas"]
-    assert capacity >= max_replicas, f"the GPU groups hold {capacity} Generator replicas, max_replicas is {max_replicas}"
+    assert capacity >= max_replicas, \
+        f"the GPU groups hold {capacity} Generator replicas, max_replicas is {max_replicas}"
 
 
 def test_ray_object_stores_fit_in_dev_shm():
@@ -906,4 +911,5 @@ def test_ray_object_stores_fit_in_dev_shm():
             assert "/dev/shm" in mounts, f"{where}: object-store-memory set but no /dev/shm volume"
             (volume,) = [v for v in pod.get("volumes", []) if v["name"] == mounts["/dev/shm"]]
             shm = _bytes(volume["emptyDir"]["sizeLimit"])
-            assert _bytes(store) <= shm, f"{where}: object-store-memory {store} exceeds /dev/shm {volume['emptyDir']['sizeLimit']}"
+            assert _bytes(store) <= shm, \
+                f"{where}: object-store-memory {store} exceeds /dev/shm {volume['emptyDir']['sizeLimit']}"

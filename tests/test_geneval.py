@@ -18,7 +18,10 @@ def colors_from_detections(label, found):
     return [d.color for d in found]
 
 
-def check(record, detections, rules=GenEvalRules()):
+DEFAULT_RULES = GenEvalRules()
+
+
+def check(record, detections, rules=DEFAULT_RULES):
     return evaluate(record, select_objects(detections, record["tag"], rules), colors_from_detections, rules)
 
 

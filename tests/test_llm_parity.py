@@ -72,7 +72,8 @@ def test_greedy_decoding_matches_reference(pretrained):
     (cache,) = model.prefill_text([cache], [prompt_ids])
     for layer in range(2):
         torch.testing.assert_close(cache.layers[layer].keys, golden[f"prefill_key_cache_l{layer}"], atol=ATOL, rtol=0)
-        torch.testing.assert_close(cache.layers[layer].values, golden[f"prefill_value_cache_l{layer}"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(cache.layers[layer].values, golden[f"prefill_value_cache_l{layer}"],
+                                   atol=ATOL, rtol=0)
 
     token = torch.tensor([1298])
     caches = [cache]

@@ -105,6 +105,7 @@ def test_turn2_contexts_have_the_reference_kv_layout(pipe):
     assert (text_only.length, text_only.position) == (meta["cfg_img_kv_len"], meta["cfg_img_generation_rope"])
     for name, cache in (("main", main), ("cfg_img", text_only)):
         for layer in range(2):
-            torch.testing.assert_close(cache.layers[layer].keys, golden[f"{name}_key_cache_l{layer}"], atol=ATOL, rtol=0)
+            torch.testing.assert_close(cache.layers[layer].keys, golden[f"{name}_key_cache_l{layer}"],
+                                       atol=ATOL, rtol=0)
             torch.testing.assert_close(cache.layers[layer].values, golden[f"{name}_value_cache_l{layer}"],
                                        atol=ATOL, rtol=0)

@@ -132,7 +132,8 @@ def test_the_flop_count_matches_the_model_it_describes():
                       and "position_embedding" not in n) + sum(p.numel() for p in (model.connector.fc1.weight,
                                                                             model.connector.fc2.weight))
     vit_tokens = batch.packed_vit_tokens.shape[0]
-    vit_attention = 4 * c.vit.num_hidden_layers * c.vit.hidden_size * sum(n * n for n in batch.vit_token_seqlens.tolist())
+    vit_attention = 4 * c.vit.num_hidden_layers * c.vit.hidden_size * sum(
+        n * n for n in batch.vit_token_seqlens.tolist())
     assert vit_forward == pytest.approx(2 * vit_weights * vit_tokens + vit_attention)
 
 

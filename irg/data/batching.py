@@ -39,7 +39,7 @@ class DataStats:
         if len(self.examples[reason]) < MAX_EXAMPLES_PER_REASON:
             self.examples[reason].append(detail)
 
-    def merge(self, other: "DataStats") -> "DataStats":
+    def merge(self, other: DataStats) -> DataStats:
         merged = DataStats(self.read + other.read, self.used + other.used, self.rejected + other.rejected,
                            defaultdict(list), self.used_per_mode + other.used_per_mode,
                            self.batches + other.batches, self.tokens + other.tokens)
@@ -130,7 +130,7 @@ class PackedBatches:
                 continue
             yield _Pending(record["row_id"], record["mode"], load_sample(record))
 
-    def _next(self, stream: "_Stream", buffer: deque, tokens: int):
+    def _next(self, stream: _Stream, buffer: deque, tokens: int):
         """Prefer buffered samples while the batch is small; otherwise the stream, then the buffer."""
         if buffer and (tokens < self.expected_tokens // 2 or stream.done):
             return buffer.popleft(), True
@@ -139,7 +139,7 @@ class PackedBatches:
             return item, False
         return (buffer.popleft(), True) if buffer else None
 
-    def _take_mandatory(self, stream: "_Stream", buffer: deque, current: list) -> None:
+    def _take_mandatory(self, stream: _Stream, buffer: deque, current: list) -> None:
         """Start a batch with one sample of each mandatory mode, looking a bounded way ahead for it."""
         for mode in self.mandatory:
             found = next((p for p in buffer if p.mode == mode), None)

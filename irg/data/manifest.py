@@ -10,6 +10,7 @@ complete, so memory stays bounded and no reader ever sees a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -207,10 +208,8 @@ class _PartWriter:
         if self._writer is not None:
             self._writer.close()
         for path in self.written:
-            try:
+            with contextlib.suppress(OSError):
                 self.fs.delete_file(path)
-            except OSError:
-                pass
 
 
 def _sha256(path: str) -> str:

@@ -65,11 +65,11 @@ class DataPosition:
         return {"epoch": self.epoch, "consumed": {u: sorted(rows) for u, rows in sorted(by_unit.items())}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataPosition":
+    def from_dict(cls, d: dict) -> DataPosition:
         consumed = {f"{unit}:{row}" for unit, rows in d.get("consumed", {}).items() for row in rows}
         return cls(int(d.get("epoch", 0)), consumed)
 
-    def merge(self, other: "DataPosition") -> "DataPosition":
+    def merge(self, other: DataPosition) -> DataPosition:
         if other.epoch != self.epoch:
             raise ValueError(f"cannot merge positions of epochs {self.epoch} and {other.epoch}")
         return DataPosition(self.epoch, self.consumed | other.consumed)

@@ -52,7 +52,7 @@ class SpecialTokens:
     vision_end: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "SpecialTokens":
+    def from_tokenizer(cls, tokenizer) -> SpecialTokens:
         ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"])
         return cls(*ids)
 

@@ -48,7 +48,7 @@ class StreamConfig:
             raise ValueError(f"mandatory modes {missing} have no positive weight")
 
     @classmethod
-    def for_stage(cls, stage: int, root: str, tokenizer: str, **overrides) -> "StreamConfig":
+    def for_stage(cls, stage: int, root: str, tokenizer: str, **overrides) -> StreamConfig:
         """IRGL stage 1 (all six modes) or 2 (the two full modes), with the reference weights."""
         if stage not in STAGE_WEIGHTS:
             raise ValueError(f"stage must be one of {sorted(STAGE_WEIGHTS)}, got {stage}")
@@ -79,7 +79,8 @@ class IRGLData:
         self.available = rows_per_mode(self.row_groups)
         if not any(self.available.get(m, 0) for m in modes):
             found = "; ".join(f"{i.kind} at {i.location}" for i in self.issues[:6])
-            raise DataPlanError(f"{config.root}: no rows to train on in modes {modes}" + (f" ({found})" if found else ""))
+            raise DataPlanError(f"{config.root}: no rows to train on in modes {modes}"
+                                + (f" ({found})" if found else ""))
         self.quota = epoch_quota(self.available, config.weights, config.epoch_rows)
 
     def dataset(self, epoch: int = 0, position: DataPosition | None = None) -> ray.data.Dataset:

@@ -167,10 +167,9 @@ def layout(scene: Scene, size: int, rng: random.Random) -> list[Placed]:
     order = rng.sample(range(GRID * GRID), GRID * GRID)
     shape_params = [(rng.uniform(0.5, 0.7), rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in order]
     pair = rng.choice(_relation_pairs(scene.relation)) if scene.relation else None
+    cells = order
     if pair:  # the relation's "first" cell goes to objects[0] for left of/above, so a swap mirrors it
         cells = list(pair) if scene.relation in ("left of", "above") else [pair[1], pair[0]]
-    else:
-        cells = order
     kinds = [(obj.shape, obj.color) for obj in scene.objects for _ in range(obj.count)]
     placed = []
     for (shape, color), index in zip(kinds, cells):

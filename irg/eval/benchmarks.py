@@ -84,7 +84,8 @@ def _geneval_prompts(lines: list[str], source: str) -> list[EvalPrompt]:
         if not isinstance(prompt, str) or not isinstance(include, list) or not include:
             raise ValueError(f"{source} line {number}: needs a string prompt and a non-empty include list")
         for req in include + record.get("exclude", []):
-            if not isinstance(req, dict) or not isinstance(req.get("class"), str) or not isinstance(req.get("count"), int):
+            if (not isinstance(req, dict) or not isinstance(req.get("class"), str)
+                    or not isinstance(req.get("count"), int)):
                 raise ValueError(f"{source} line {number}: each include/exclude needs a class and an int count")
         prompts.append(EvalPrompt(f"{len(prompts):05d}", prompt, tag, record))
     return prompts

@@ -73,7 +73,8 @@ def evaluate(cfg: EvalConfig) -> Report:
         rows = score_samples(cfg, prompts)
         report = build_report(cfg.name, cfg.scorer.kind, cfg.scorer.overall, prompts, rows,
                               cfg.generation.rounds)
-        report.meta.update({"run_id": tracker.run_id, "model": cfg.model, "benchmark": cfg.benchmark, "output": cfg.output, **counts})
+        report.meta.update({"run_id": tracker.run_id, "model": cfg.model, "benchmark": cfg.benchmark,
+                            "output": cfg.output, **counts})
         _write_outputs(cfg, report, rows)
         tracker.log(report, grid_image(cfg.output, prompts, rows, cfg.generation.rounds))
     except BaseException as e:

@@ -136,7 +136,8 @@ class Bagel(nn.Module):
             mse_target = noise - x0
         elif cover_idle_branches:
             none = torch.zeros(0, dtype=torch.long, device=device)
-            idle.append(self.embed_latents(torch.zeros(0, self.config.latent_channels, device=device), none.float(), none))
+            no_latents = torch.zeros(0, self.config.latent_channels, device=device)
+            idle.append(self.embed_latents(no_latents, none.float(), none))
 
         spec = PackedAttention(list(batch.sample_lens), list(batch.attention_masks))
         routing = TokenRouting.from_gen_mask(gen_mask, both_experts=cover_idle_branches)
@@ -204,7 +205,8 @@ class Bagel(nn.Module):
     def _image_block(self, cache: KVCache, token_embeds: torch.Tensor, generation_expert: bool) -> _Block:
         """``<|vision_start|>`` + image tokens + ``<|vision_end|>``, all at the context's current position."""
         device = token_embeds.device
-        markers = self.embed_text(torch.tensor([self.config.image_start_token_id, self.config.image_end_token_id], device=device))
+        marker_ids = [self.config.image_start_token_id, self.config.image_end_token_id]
+        markers = self.embed_text(torch.tensor(marker_ids, device=device))
         embeds = torch.cat([markers[:1], token_embeds.to(markers.dtype), markers[1:]])
         n = token_embeds.shape[0]
         gen_mask = torch.zeros(n + 2, dtype=torch.bool, device=device)

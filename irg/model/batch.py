@@ -45,7 +45,7 @@ class PackedBatch:
     def has_vit(self) -> bool:
         return self.packed_vit_token_indexes is not None and self.packed_vit_token_indexes.numel() > 0
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         def move(value):
             if isinstance(value, torch.Tensor):
                 return value.to(device)

@@ -123,8 +123,8 @@ def load_weights(module: nn.Module, uri: str, device="cpu", dtype: torch.dtype |
     with storage.open_file(uri, "rb") as f:
         reader = SafetensorsReader(f, uri)
         expected = {name: tuple(p.shape) for name, p in module.state_dict(keep_vars=True).items()}
-        check_keys(expected, {k: reader.shape(k) for k in reader.keys()}, uri)
-        for name in reader.keys():
+        check_keys(expected, {k: reader.shape(k) for k in reader}, uri)
+        for name in reader:
             tensor = reader.get(name)
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)

@@ -36,7 +36,7 @@ class LLMConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "LLMConfig":
+    def from_hf_dict(cls, d: dict) -> LLMConfig:
         # The reference loaders force qk_norm=True, tie_word_embeddings=False and the MoT layer
         # whatever the file says; this architecture has no switches for them, so they are ignored.
         return cls(**_known_fields(cls, d))
@@ -56,7 +56,7 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "ViTConfig":
+    def from_hf_dict(cls, d: dict) -> ViTConfig:
         # BAGEL drops SigLIP's last layer (it uses penultimate features): the file's
         # num_hidden_layers counts it, the model does not.
         kwargs = _known_fields(cls, d)
@@ -86,7 +86,7 @@ class AEConfig:
     shift_factor: float = 0.1159
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AEConfig":
+    def from_dict(cls, d: dict) -> AEConfig:
         return cls(**_known_fields(cls, d))
 
 
@@ -116,7 +116,7 @@ class BagelConfig:
         return self.ae.downsample * self.latent_patch_size
 
     @classmethod
-    def from_checkpoint_dir(cls, files: dict[str, dict]) -> "BagelConfig":
+    def from_checkpoint_dir(cls, files: dict[str, dict]) -> BagelConfig:
         """Build from the parsed JSON files of an official checkpoint folder (name -> dict)."""
         bagel = files.get("bagel_config.json", {})
         return cls(

@@ -31,7 +31,7 @@ class TokenRouting:
     und_index: torch.Tensor | None = None
 
     @classmethod
-    def from_gen_mask(cls, gen_mask: torch.Tensor, both_experts: bool = False) -> "TokenRouting":
+    def from_gen_mask(cls, gen_mask: torch.Tensor, both_experts: bool = False) -> TokenRouting:
         """``both_experts`` runs the generation expert even on no tokens, so that every rank of a
         sharded data-parallel job (DeepSpeed ZeRO-3) calls the same modules in the same order."""
         if not both_experts and not bool(gen_mask.any()):

@@ -66,7 +66,8 @@ def write_safetensors(file: IO[bytes], tensors: dict[str, torch.Tensor], dtype: 
     header, offset = {}, 0
     for name, t in tensors.items():
         size = t.numel() * torch.empty((), dtype=target_dtype(t)).element_size()
-        header[name] = {"dtype": _NAMES[target_dtype(t)], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": _NAMES[target_dtype(t)], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # align tensor data to 8 bytes

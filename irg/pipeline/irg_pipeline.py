@@ -70,7 +70,7 @@ class IRGPipeline:
     def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
         save_pretrained(path, self.model, self.autoencoder, self.tokenizer, dtype=dtype)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "IRGPipeline":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> IRGPipeline:
         if device is not None:
             device = resolve_device(device)
         for module in (self.model, self.autoencoder):

@@ -32,7 +32,7 @@ class RoundSettings:
         if self.timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
 
-    def with_overrides(self, overrides: dict) -> "RoundSettings":
+    def with_overrides(self, overrides: dict) -> RoundSettings:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:

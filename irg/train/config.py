@@ -160,7 +160,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         return _build(cls, d, "")
 
     def flat(self) -> dict[str, str]:

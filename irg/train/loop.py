@@ -48,7 +48,7 @@ class TrainState:
                 "resumes": self.resumes}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainState":
+    def from_dict(cls, d: dict) -> TrainState:
         return cls(d["step"], DataPosition.from_dict(d["position"]), d.get("mlflow_run_id"), d.get("resumes", 0))
 
 

@@ -30,7 +30,8 @@ class StepResult:
     seconds: float
 
 
-def reduce_losses(out, world_size: int, ce_weight: float, mse_weight: float, device) -> tuple[torch.Tensor, list[float]]:
+def reduce_losses(out, world_size: int, ce_weight: float, mse_weight: float,
+                  device) -> tuple[torch.Tensor, list[float]]:
     """The reference reduction: token-weighted means over all ranks, scaled so that DeepSpeed's
     gradient averaging over ranks turns them into the global means. Returns the loss to backpropagate
     and the global (ce, mse) means for logging (None where no rank had such a token)."""
