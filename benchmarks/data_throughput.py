@@ -98,12 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def data_config(args):
-    from irg.data.sequence import DataConfig
+    from irg.data.sequence import PreprocessConfig
 
     if not args.small_transforms:
-        return DataConfig()
+        return PreprocessConfig()
     size, vit = args.image_size, args.image_size - args.image_size % 14
-    return DataConfig(vae_transform=(size, size // 2, 16), vit_transform=(vit, vit // 2, 14))
+    return PreprocessConfig(vae_transform=(size, size // 2, 16), vit_transform=(vit, vit // 2, 14))
 
 
 def consume(dataset, consumers: int, special, expected_tokens: int, max_tokens: int) -> tuple[list, list, list]:
@@ -148,8 +148,8 @@ def main(args: argparse.Namespace) -> dict:
     from irg.data.sequence import SpecialTokens
     from irg.data.stream import IRGLData, StreamConfig
     from irg.data.synth import write_synthetic
+    from irg.embedded_store import SeaweedS3
     from irg.model.checkpoint import load_tokenizer
-    from irg.store import SeaweedS3
 
     with tempfile.TemporaryDirectory(prefix="irg-bench-") as tmp, \
             SeaweedS3(tmp, "irg-bench", "irg-bench-secret", "irg-bench") as server:
@@ -165,7 +165,7 @@ def main(args: argparse.Namespace) -> dict:
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             config = data_config(args)
-            data = IRGLData(StreamConfig.for_stage(1, root, str(TOKENIZER), data=config,
+            data = IRGLData(StreamConfig.for_stage(1, root, str(TOKENIZER), preprocess=config,
                                                    prepare_concurrency=args.prepare_concurrency), store)
             special = SpecialTokens.from_tokenizer(load_tokenizer(str(TOKENIZER)))
             log(f"streaming one stage-1 epoch ({sum(data.quota.values())} rows) into {args.consumers} consumers")

@@ -32,15 +32,17 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def packed_batches(tokenizer, tokens: int, image_size: int, count: int, patch: int):
+def packed_batches(tokenizer, model_config, tokens: int, image_size: int, count: int):
     """``count`` packed batches of about ``tokens`` tokens each, from full-learning synthetic samples."""
     from irg.data.format import TextPart
-    from irg.data.sequence import DataConfig, SpecialTokens, build_sample, pack
+    from irg.data.sequence import PreprocessConfig, SpecialTokens, build_sample, pack
     from irg.data.synth import make_example, mode_parts
 
     special = SpecialTokens.from_tokenizer(tokenizer)
-    data = DataConfig(vae_transform=(image_size, image_size // 2, 16),
-                      vit_transform=(min(980, image_size), min(224, image_size // 2), 14))
+    unit, patch = model_config.pixels_per_latent_token, model_config.vit.patch_size
+    data = PreprocessConfig(vae_transform=(image_size, image_size // 2, unit),
+                            vit_transform=(min(model_config.vit_transform[0], image_size),
+                                           min(model_config.vit_image_min_size, image_size // 2), patch))
     rng, np_rng = random.Random(0), np.random.default_rng(0)
     batches = []
     for _ in range(count):
@@ -48,10 +50,10 @@ def packed_batches(tokenizer, tokens: int, image_size: int, count: int, patch: i
         while total < tokens:
             example = make_example(rng, image_size)
             parts = [TextPart(example.prompt, False), *mode_parts("improving_full_learning", example)]
-            sample = build_sample(parts, tokenizer, data, np_rng)
+            sample = build_sample(parts, tokenizer, data, model_config, np_rng)
             samples.append(sample)
             total += sample.num_tokens
-        batches.append(pack(samples, special, patch))
+        batches.append(pack(samples, special))
     return batches
 
 
@@ -107,7 +109,7 @@ def main() -> None:
                       optim=OptimSettings(warmup_steps=1))
     cfg.deepspeed.zero_stage = args.zero_stage
     engine = deepspeed_engine(prepare_model(model, cfg), cfg)
-    batches = packed_batches(tokenizer, args.tokens, args.image_size, 4, config.vit.patch_size)
+    batches = packed_batches(tokenizer, config, args.tokens, args.image_size, 4)
     peak = peak_flops(device, dtype, args.peak_tflops)
 
     results = []

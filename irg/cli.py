@@ -8,8 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-# Short dtype names users type (CLI flags, job arguments) -> torch attribute names.
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from irg.device import DEVICE_HELP, DTYPE_CHOICES
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -33,14 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="checkpoint folder or s3:// URI in the official BAGEL layout")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--out", required=True, type=Path, help="output folder (round PNGs + trace.json)")
-    gen.add_argument("--size", type=parse_size, default=(1024, 1024), help="N or WIDTHxHEIGHT, multiples of 16")
-    gen.add_argument("--steps", type=int, default=50, help="flow timesteps per image (>= 2)")
-    gen.add_argument("--rounds", type=int, default=2, help="images to draw; round 2+ follow a reflection")
+    # Generation settings left unset take the pipeline's defaults (irg.pipeline.DEFAULTS).
+    gen.add_argument("--size", type=parse_size, help="N or WIDTHxHEIGHT, multiples of 16 (default 1024)")
+    gen.add_argument("--steps", type=int, help="flow timesteps per image (>= 2, default 50)")
+    gen.add_argument("--rounds", type=int, help="images to draw; round 2+ follow a reflection (default 2)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    gen.add_argument("--max-think-tokens", type=int, default=1024)
-    gen.add_argument("--think-temperature", type=float, default=0.3)
+    gen.add_argument("--device", default="auto", help=DEVICE_HELP)
+    gen.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on CUDA, fp32 on the CPU")
+    gen.add_argument("--max-think-tokens", type=int, help="think budget per round (default 1000)")
+    gen.add_argument("--think-temperature", type=float, help="default 0.3")
     gen.set_defaults(func=generate)
 
     store = commands.add_parser("store", help="the embedded S3-compatible object store (SeaweedFS on 127.0.0.1)")
@@ -154,20 +154,21 @@ def generate(args: argparse.Namespace) -> int:
     import hashlib
     from dataclasses import asdict
 
-    import torch
     from tqdm import tqdm
 
+    from irg.device import resolve_device, resolve_dtype
     from irg.model.checkpoint import read_config
-    from irg.pipeline import IRGPipeline, resolve_device, validate_request
+    from irg.pipeline import IRGPipeline, validate_request
 
-    width, height = args.size
+    width, height = args.size or (None, None)
     # Everything that can be checked without the weights is checked before loading them.
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
+    dtype = resolve_dtype(args.dtype, device, "--dtype")
     request = validate_request(read_config(args.model), args.prompt, height=height, width=width,
                                num_steps=args.steps, rounds=args.rounds, seed=args.seed,
                                max_think_tokens=args.max_think_tokens, think_temperature=args.think_temperature)
-    pipe = IRGPipeline.from_pretrained(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-    bar = tqdm(total=args.rounds * (args.steps - 1), unit="step", desc="round 1: thinking")
+    pipe = IRGPipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    bar = tqdm(total=request.rounds * (request.num_steps - 1), unit="step", desc="round 1: thinking")
 
     def on_event(event):
         if event.kind == "think_token":
@@ -190,9 +191,10 @@ def generate(args: argparse.Namespace) -> int:
     trace = {
         "prompt": args.prompt,
         "model": str(args.model),
-        "settings": {"width": width, "height": height, "steps": args.steps, "rounds": args.rounds, "seed": out.seed,
-                     "device": str(device), "dtype": args.dtype, "max_think_tokens": args.max_think_tokens,
-                     "think_temperature": args.think_temperature, "vae_transform": request.vae_transform,
+        "settings": {"width": request.width, "height": request.height, "steps": request.num_steps,
+                     "rounds": request.rounds, "seed": out.seed, "device": str(device),
+                     "dtype": str(dtype).removeprefix("torch."), "max_think_tokens": request.max_think_tokens,
+                     "think_temperature": request.think_temperature, "vae_transform": request.vae_transform,
                      "vit_transform": request.vit_transform,
                      "round_settings": [asdict(s) for s in request.round_settings],
                      "system_prompt_sha256": hashlib.sha256(request.system_prompt.encode()).hexdigest()},
@@ -206,11 +208,11 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def store_up(args: argparse.Namespace) -> int:
-    from irg import store
+    from irg import embedded_store
     from irg.storage import embedded_client_path
 
-    config = store.local_config(args.port, args.bucket) if args.bucket else None
-    status = store.up(args.data_dir, config=config, s3_port=args.port)
+    config = embedded_store.local_config(args.port, args.bucket) if args.bucket else None
+    status = embedded_store.up(args.data_dir, config=config, s3_port=args.port)
     print(status)
     if args.data_dir is None:  # the default store becomes every command's default
         client = embedded_client_path()
@@ -224,19 +226,19 @@ def store_up(args: argparse.Namespace) -> int:
 
 
 def store_down(args: argparse.Namespace) -> int:
-    from irg import store
+    from irg import embedded_store
     from irg.storage import embedded_client_path
 
-    print(store.down(args.data_dir))
+    print(embedded_store.down(args.data_dir))
     if args.data_dir is None:
         embedded_client_path().unlink(missing_ok=True)
     return 0
 
 
 def store_status(args: argparse.Namespace) -> int:
-    from irg import store
+    from irg import embedded_store
 
-    status = store.status(args.data_dir)
+    status = embedded_store.status(args.data_dir)
     print(status)
     return 0 if status.healthy else 1
 
@@ -269,13 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from irg.data.format import RowError
+    from irg.embedded_store import StoreError
     from irg.model import CheckpointError
-    from irg.pipeline import InvalidRequestError
-    from irg.store import StoreError
 
-    # Errors about the user's input end the command with a one-line message; anything else is a bug
-    # and keeps its traceback.
-    user_errors = (InvalidRequestError, CheckpointError, RowError, StoreError, FileNotFoundError, FileExistsError,
+    # Errors about the user's input (bad values, the pipeline's InvalidRequestError among them; missing
+    # files; refused access) end the command with a one-line message; anything else is a bug and keeps
+    # its traceback.
+    user_errors = (ValueError, CheckpointError, RowError, StoreError, FileNotFoundError, FileExistsError,
                    PermissionError)
     try:
         from mlflow.exceptions import MlflowException  # unknown model or version, bad tracking URI

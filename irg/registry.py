@@ -22,22 +22,25 @@ from mlflow import MlflowClient
 from irg import storage
 
 CHECKPOINT_ARTIFACT = "checkpoint"
-# Generation settings a caller may pass as MLflow params, with the defaults of a pyfunc call.
-GENERATION_PARAMS = {"height": 1024, "width": 1024, "num_steps": 50, "rounds": 2, "seed": 0,
-                     "max_think_tokens": 1000, "think_temperature": 0.3}
+
+
+def generation_params() -> dict:
+    """The generation settings a caller may pass as MLflow params, with the pipeline's defaults (the
+    logged signature needs a value of each type)."""
+    from irg.pipeline import DEFAULTS
+
+    return {"height": DEFAULTS.height, "width": DEFAULTS.width, "num_steps": DEFAULTS.num_steps,
+            "rounds": DEFAULTS.rounds, "seed": 0, "max_think_tokens": DEFAULTS.max_think_tokens,
+            "think_temperature": DEFAULTS.think_temperature}
 
 
 class IRGModel(mlflow.pyfunc.PythonModel):
     """pyfunc: a DataFrame with a ``prompt`` column -> think texts and base64 PNGs of every round."""
 
     def load_context(self, context):
-        import torch
+        from irg.pipeline import IRGPipeline
 
-        from irg.pipeline import IRGPipeline, resolve_device
-
-        device = resolve_device("auto")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.pipe = IRGPipeline.from_pretrained(context.artifacts[CHECKPOINT_ARTIFACT], device=device, dtype=dtype)
+        self.pipe = IRGPipeline.from_pretrained(context.artifacts[CHECKPOINT_ARTIFACT], device="auto", dtype="auto")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         # (The DataFrame hint tells MLflow to validate against the logged signature, not the hints.)
@@ -47,7 +50,7 @@ class IRGModel(mlflow.pyfunc.PythonModel):
             prompts = [model_input]
         else:
             prompts = [str(p) for p in model_input]
-        settings = {**GENERATION_PARAMS, **(params or {})}
+        settings = {**generation_params(), **(params or {})}
         outputs = self.pipe(prompts, **settings)
         return pd.DataFrame({
             "prompt": prompts,
@@ -79,7 +82,7 @@ def log_model(model_uri: str, registered_model_name: str, run_id: str | None = N
     run) and register it; returns the new ``ModelVersion``."""
     from mlflow.models import infer_signature
 
-    signature = infer_signature(pd.DataFrame({"prompt": ["a red cube"]}), params=GENERATION_PARAMS)
+    signature = infer_signature(pd.DataFrame({"prompt": ["a red cube"]}), params=generation_params())
     with tempfile.TemporaryDirectory() as tmp:
         local = _local_copy(model_uri, os.path.join(tmp, CHECKPOINT_ARTIFACT))
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):

@@ -71,7 +71,7 @@ def main() -> None:
 
     say(f"evaluating {model}: round 1 against round 2 on shapes-world prompts")
     generation = GenerationSettings(height=64, width=64, steps=16, rounds=2, max_think_tokens=48)
-    evaluation = EvalConfig(model, "shapes", name=f"{args.name}-shapes", limit=args.eval_prompts,
+    evaluation = EvalConfig(model=model, benchmark="shapes", name=f"{args.name}-shapes", limit=args.eval_prompts,
                             generation=generation, batch_size=4)
     evaluate(evaluation)  # prints the table
 

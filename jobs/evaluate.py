@@ -14,11 +14,12 @@ import sys
 
 from mlflow.exceptions import MlflowException
 
-from irg.cli import DTYPES
+from irg.device import DTYPE_CHOICES
 from irg.eval.benchmarks import BENCHMARKS
 from irg.eval.generate import GenerationSettings
 from irg.eval.run import EXPERIMENT, EvalConfig, evaluate
-from irg.eval.scorers import SCORERS, ScorerSpec
+from irg.eval.scorer_settings import SCORERS, ScorerSettings
+from irg.pipeline import DEFAULTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,13 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="folder or s3:// URI (default: <store>/eval/<name>)")
     parser.add_argument("--limit", type=int, help="first N prompts (shapes: N prompts drawn from --seed)")
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--size", type=int, default=1024, help="image side in pixels (multiple of 16)")
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--rounds", type=int, default=2)
+    gen.add_argument("--size", type=int, default=DEFAULTS.height, help="image side in pixels (multiple of 16)")
+    gen.add_argument("--steps", type=int, default=DEFAULTS.num_steps)
+    gen.add_argument("--rounds", type=int, default=DEFAULTS.rounds)
     gen.add_argument("--samples", type=int, default=1, help="images per prompt (GenEval's protocol: 4)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--max-think-tokens", type=int, default=1024)
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="on GPU (CPU runs fp32)")
+    gen.add_argument("--max-think-tokens", type=int, default=DEFAULTS.max_think_tokens)
+    gen.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on GPU, fp32 on the CPU")
     gen.add_argument("--workers", type=int, help="generator actors (default: one per GPU, else one)")
     gen.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call")
     gen.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -60,13 +61,18 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     scorer = None
     if args.scorer or args.detector or args.judge_url:
         kind = args.scorer or ("geneval" if args.detector else "wise")
-        scorer = ScorerSpec(kind, args.detector, args.color_classifier, args.judge_url, args.judge_model,
-                            args.judge_api_key_env, args.judge_rpm, args.judge_concurrency, args.judge_cache,
-                            args.judge_template, args.device)
-    generation = GenerationSettings(args.size, args.size, args.steps, args.rounds, args.samples, args.seed,
-                                    args.max_think_tokens, dtype=args.dtype)
-    return EvalConfig(args.model, args.benchmark, args.name, args.output, args.limit, generation, scorer,
-                      args.workers, args.batch_size, args.score_workers, args.device, args.experiment)
+        scorer = ScorerSettings(
+            kind=kind, detector=args.detector, color_classifier=args.color_classifier, judge_url=args.judge_url,
+            judge_model=args.judge_model, judge_api_key_env=args.judge_api_key_env,
+            judge_requests_per_minute=args.judge_rpm, judge_concurrency=args.judge_concurrency,
+            judge_cache=args.judge_cache, judge_template=args.judge_template, device=args.device)
+    generation = GenerationSettings(height=args.size, width=args.size, steps=args.steps, rounds=args.rounds,
+                                    samples=args.samples, seed=args.seed, max_think_tokens=args.max_think_tokens,
+                                    dtype=args.dtype)
+    return EvalConfig(model=args.model, benchmark=args.benchmark, name=args.name, output=args.output,
+                      limit=args.limit, generation=generation, scorer=scorer, workers=args.workers,
+                      batch_size=args.batch_size, score_workers=args.score_workers, device=args.device,
+                      experiment=args.experiment)
 
 
 def main() -> None:

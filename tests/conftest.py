@@ -55,7 +55,7 @@ S3_BUCKET = "irg-test"
 def s3_server(tmp_path_factory):
     """One ``weed mini`` for the whole session, on free 127.0.0.1 ports (``weed`` is a test dependency:
     a missing binary fails the tests that need it rather than skipping them)."""
-    from irg.store import SeaweedS3
+    from irg.embedded_store import SeaweedS3
 
     with SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET) as server:
         yield server

@@ -60,7 +60,7 @@ def test_store_and_data_commands_end_to_end(tmp_path):
     """irg store up -> data synth -> data import -> data stats -> store down, as a user would."""
     import os
 
-    from irg.store import free_port_pairs
+    from irg.embedded_store import free_port_pairs
 
     env = dict(os.environ, IRG_HOME=str(tmp_path / "home"))
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "IRG_STORE_CONFIG"):

@@ -15,12 +15,12 @@ from irg.data.batching import DataStats, PackedBatches
 from irg.data.format import FULL_MODES, MODES
 from irg.data.plan import DataPosition
 from irg.data.prepare import BadRowError
-from irg.data.sequence import DataConfig, SpecialTokens
+from irg.data.sequence import PreprocessConfig, SpecialTokens
 from irg.data.stream import DataPlanError, IRGLData, StreamConfig, iter_records
 from irg.data.synth import synth_conversation, write_synthetic
 
 ROWS_PER_MODE = 24
-SMALL = DataConfig(vae_transform=(64, 32, 16), vit_transform=(56, 28, 14))
+SMALL = PreprocessConfig(vae_transform=(64, 32, 16), vit_transform=(56, 28, 14))
 SPECIAL = SpecialTokens(1298, 1299, 1306, 1307)
 
 
@@ -47,9 +47,9 @@ def synthetic(s3_server):
 
 def stream_config(root, **overrides):
     """Stage-1 settings at fixture scale (64 px images); ``weights=`` replaces the stage's weights."""
-    settings = dict(data=SMALL, prepare_concurrency=2) | overrides
+    settings = dict(preprocess=SMALL, prepare_concurrency=2) | overrides
     if "weights" in settings:
-        return StreamConfig(root=root, tokenizer=str(FIXTURE_DIR), **settings)
+        return StreamConfig(root=root, checkpoint=str(FIXTURE_DIR), **settings)
     return StreamConfig.for_stage(1, root, str(FIXTURE_DIR), **settings)
 
 

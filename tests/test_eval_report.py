@@ -10,7 +10,7 @@ from irg.eval import EvalPrompt
 from irg.eval.generate import GenerationSettings, ImageGenerator, finished_samples, read_record, sample_seed
 from irg.eval.report import Report, build_report, compare_table, format_table
 from irg.eval.run import EvalConfig, _claim_output
-from irg.eval.scorers import ScorerSpec
+from irg.eval.scorer_settings import ScorerSettings
 
 PROMPTS = [EvalPrompt("00000", "a photo of a circle", "single_object", {}),
            EvalPrompt("00001", "a photo of two squares", "counting", {}),
@@ -80,12 +80,12 @@ def test_an_output_folder_refuses_other_settings(tmp_path):
 
 def test_scorer_checks_happen_before_any_generation(tmp_path):
     with pytest.raises(ValueError, match="--detector"):
-        ScorerSpec("geneval").check()
+        ScorerSettings("geneval").check()
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        ScorerSpec("geneval", detector=str(tmp_path), color_classifier=str(tmp_path)).check()
+        ScorerSettings("geneval", detector=str(tmp_path), color_classifier=str(tmp_path)).check()
     with pytest.raises(ValueError, match="--judge-url"):
-        ScorerSpec("wise").check()
+        ScorerSettings("wise").check()
     with pytest.raises(ValueError, match="unknown 'clip'"):
-        ScorerSpec("clip").check()
-    ScorerSpec("shapes").check()
-    assert ScorerSpec("wise").overall == "prompts" and ScorerSpec("geneval").overall == "categories"
+        ScorerSettings("clip").check()
+    ScorerSettings("shapes").check()
+    assert ScorerSettings("wise").overall == "prompts" and ScorerSettings("geneval").overall == "categories"

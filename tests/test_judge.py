@@ -373,7 +373,7 @@ def test_an_evaluation_scores_its_stored_rounds_with_the_judge(fake, tmp_path, m
     """The scoring actor of jobs/evaluate.py: the judge built from the job's settings (key from the
     named variable), each stored round sent as it was saved, verdicts cached under the output."""
     from irg.eval.run import ImageScorer
-    from irg.eval.scorers import ScorerSpec
+    from irg.eval.scorer_settings import ScorerSettings
 
     monkeypatch.setenv("LAB_JUDGE_KEY", "sk-lab")
     prompt, _ = item(3)
@@ -383,7 +383,7 @@ def test_an_evaluation_scores_its_stored_rounds_with_the_judge(fake, tmp_path, m
     for r, color in enumerate(colors):
         Image.new("RGB", (32, 32), color).save(folder / f"round{r + 1}.png")
     fake.answer = lambda body: ok(GOOD if prompt_in(body) == "prompt 3" else "?")
-    spec = ScorerSpec("wise", judge_url=fake.base_url, judge_model=MODEL, judge_api_key_env="LAB_JUDGE_KEY")
+    spec = ScorerSettings("wise", judge_url=fake.base_url, judge_model=MODEL, judge_api_key_env="LAB_JUDGE_KEY")
     spec.check()
     scorer = ImageScorer(spec, str(tmp_path), [prompt], cache=str(tmp_path / "judge-cache"))
 

@@ -10,11 +10,12 @@ from conftest import FIXTURE_DIR, load_golden
 from test_training_forward import golden_batch
 
 from irg.data.format import parse_conversation
-from irg.data.sequence import DataConfig, SpecialTokens, VaeItem, attention_mask, build_sample, pack
+from irg.data.sequence import PreprocessConfig, SpecialTokens, VaeItem, attention_mask, build_sample, pack
 from irg.model import load_pretrained
+from irg.model.config import tiny_config
 
-FIXTURE_CONFIG = DataConfig(vae_transform=(64, 32, 16), vit_transform=(56, 28, 14),
-                            text_cond_dropout=0.0, vae_cond_dropout=0.0, vit_cond_dropout=0.0)
+FIXTURE_CONFIG = PreprocessConfig(vae_transform=(64, 32, 16), vit_transform=(56, 28, 14),
+                                  text_cond_dropout=0.0, vae_cond_dropout=0.0, vit_cond_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def fixture_samples(tokenizer, raw_timesteps):
     for mode, raw_t in zip(("initial_full_learning", "improving_full_learning"), raw_timesteps):
         table = pq.read_table(FIXTURE_DIR / "golden" / "train_data" / mode / "part-0.parquet")
         parts = parse_conversation(table.column("conversation")[0].as_py())
-        sample = build_sample(parts, tokenizer, FIXTURE_CONFIG, np.random.default_rng(0))
+        sample = build_sample(parts, tokenizer, FIXTURE_CONFIG, tiny_config(), np.random.default_rng(0))
         # The reference drew the targets' raw timesteps from numpy's global state; use its draws.
         sample.items = [dataclasses.replace(i, raw_timestep=raw_t) if isinstance(i, VaeItem) and i.loss else i
                         for i in sample.items]
@@ -81,10 +82,11 @@ def test_dropped_conditions_keep_their_rope_position(pretrained):
     table = pq.read_table(FIXTURE_DIR / "golden" / "train_data" / "improving_full_learning" / "part-0.parquet")
     parts = parse_conversation(table.column("conversation")[0].as_py())
     config = dataclasses.replace(FIXTURE_CONFIG, vae_cond_dropout=1.0, vit_cond_dropout=1.0)
-    sample = build_sample(parts, pretrained.tokenizer, config, np.random.default_rng(0))
+    sample = build_sample(parts, pretrained.tokenizer, config, pretrained.config, np.random.default_rng(0))
     batch = pack([sample], SpecialTokens.from_tokenizer(pretrained.tokenizer))
     assert batch.packed_vit_tokens is None and len(batch.patchified_vae_latent_shapes) == 1
-    full = pack([build_sample(parts, pretrained.tokenizer, FIXTURE_CONFIG, np.random.default_rng(0))],
+    full = pack([build_sample(parts, pretrained.tokenizer, FIXTURE_CONFIG, pretrained.config,
+                                np.random.default_rng(0))],
                 SpecialTokens.from_tokenizer(pretrained.tokenizer))
     # The reflection starts where it would with both image blocks present (each takes one position).
     assert batch.packed_position_ids[-18].item() == full.packed_position_ids[-18].item()
@@ -95,7 +97,7 @@ def test_text_dropout_removes_spans_without_moving_positions(pretrained):
     parts = parse_conversation('[{"role": "user", "content": "a"}, {"role": "assistant", "content": '
                                '[{"type": "text", "content": "b c", "need_loss": true}]}]')
     config = dataclasses.replace(FIXTURE_CONFIG, text_cond_dropout=1.0)
-    assert build_sample(parts, pretrained.tokenizer, config, np.random.default_rng(0)).items == []
+    assert build_sample(parts, pretrained.tokenizer, config, pretrained.config, np.random.default_rng(0)).items == []
 
 
 def test_attention_mask_rules():

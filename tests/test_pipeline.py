@@ -60,12 +60,14 @@ def test_bad_input_is_rejected_before_any_model_work(pipe, monkeypatch, override
         pipe(**kwargs)
 
 
-def test_unknown_device_is_a_value_error():
-    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+def test_unknown_device_or_dtype_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="^device: unknown device 'gpu0'"):
         IRGPipeline.from_pretrained(FIXTURE_DIR, device="gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             IRGPipeline.from_pretrained(FIXTURE_DIR, device="cuda")
+    with pytest.raises(ValueError, match="^dtype: unknown dtype 'fp64'"):
+        IRGPipeline.from_pretrained(FIXTURE_DIR, dtype="fp64")
 
 
 def test_generation_is_reproducible_for_a_seed_and_differs_across_seeds(pipe):
@@ -178,9 +180,3 @@ def test_given_images_skip_sampling(pipe):
     out = pipe("a red cube", rounds=2, seed=0, images=[draft], callback=events.append, **SMALL)
     assert out.images[0] is draft and out.latents[0] is None
     assert {e.round for e in events if e.kind == "step"} == {1}
-
-
-def test_auto_device_is_cuda_where_there_is_one_else_cpu():
-    from irg.pipeline import resolve_device
-
-    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from irg import storage, store
+from irg import embedded_store, storage
 from irg.storage import StoreConfig
 
 try:
-    store.find_weed()
+    embedded_store.find_weed()
 except FileNotFoundError as e:  # pragma: no cover
     pytest.skip(str(e), allow_module_level=True)
 
@@ -38,16 +38,16 @@ def clean_env(monkeypatch, tmp_path):
 
 
 def free_s3_port() -> int:
-    return store.free_port_pairs(1)[0][0]
+    return embedded_store.free_port_pairs(1)[0][0]
 
 
 @pytest.fixture(scope="module")
 def no_leaks():
     """Whatever a test in this module started is stopped at the end, even when it failed half-way."""
-    before = set(store._children)
+    before = set(embedded_store._children)
     yield
-    for pid in set(store._children) - before:
-        store._stop_pid(pid, 5.0)
+    for pid in set(embedded_store._children) - before:
+        embedded_store._stop_pid(pid, 5.0)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,10 @@ def running(tmp_path_factory, no_leaks):
     data_dir = tmp_path_factory.mktemp("store")
     port = free_s3_port()
     try:
-        st = store.up(data_dir, store.local_config(port, bucket="irg"), s3_port=port)
+        st = embedded_store.up(data_dir, embedded_store.local_config(port, bucket="irg"), s3_port=port)
         yield st
     finally:
-        store.down(data_dir)
+        embedded_store.down(data_dir)
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def data_dir(tmp_path, no_leaks):
     """A data dir whose store, if a test starts one, is stopped afterwards."""
     path = tmp_path / "store"
     yield path
-    store.down(path)
+    embedded_store.down(path)
 
 
 def test_up_is_healthy_detached_and_recorded(running):
@@ -78,8 +78,8 @@ def test_up_is_healthy_detached_and_recorded(running):
     assert state["pid"] == running.pid and state["endpoint_url"] == running.endpoint_url
     assert state["ports"]["s3"] == running.ports["s3"] and state["bucket"] == "irg"
     assert (running.data_dir / "weed.log").stat().st_size > 0
-    assert running.config == store.local_config(running.ports["s3"])
-    st = store.status(running.data_dir)
+    assert running.config == embedded_store.local_config(running.ports["s3"])
+    st = embedded_store.status(running.data_dir)
     assert st.running and st.healthy and st.pid == running.pid, st
 
 
@@ -112,10 +112,10 @@ def test_pyarrow_parquet_write_read(running):
 
 
 def test_up_again_is_a_no_op(running):
-    again = store.up(running.data_dir, s3_port=running.ports["s3"])
+    again = embedded_store.up(running.data_dir, s3_port=running.ports["s3"])
     assert again.pid == running.pid and again.healthy and "already running" in again.detail
     # asked for another port: still the running store, and it says so
-    other = store.up(running.data_dir, s3_port=free_s3_port())
+    other = embedded_store.up(running.data_dir, s3_port=free_s3_port())
     assert other.pid == running.pid and other.endpoint_url == running.endpoint_url
     assert f"on port {running.ports['s3']}" in other.detail
 
@@ -123,27 +123,27 @@ def test_up_again_is_a_no_op(running):
 def test_down_up_keeps_data_and_down_is_idempotent(data_dir):
     # Started by another process that then exits (as `irg store up` does): the store outlives it.
     port = free_s3_port()
-    subprocess.run([sys.executable, "-c", f"from irg import store; store.up({str(data_dir)!r}, s3_port={port})"],
-                   check=True, timeout=60)
-    first = store.status(data_dir)
+    code = f"from irg import embedded_store; embedded_store.up({str(data_dir)!r}, s3_port={port})"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    first = embedded_store.status(data_dir)
     assert first.running and first.healthy and first.ports["s3"] == port, first
-    assert first.pid not in store._children
+    assert first.pid not in embedded_store._children
     fs = first.config.fsspec_filesystem()
     fs.pipe(first.config.uri("keep", "me.bin"), b"persistent")
 
-    stopped = store.down(data_dir)
+    stopped = embedded_store.down(data_dir)
     assert not stopped.running and "stopped" in stopped.detail
-    assert not store._pid_alive(first.pid)
+    assert not embedded_store._pid_alive(first.pid)
     assert not (data_dir / "store.json").exists()
-    assert not store.status(data_dir).running
-    again = store.down(data_dir)
+    assert not embedded_store.status(data_dir).running
+    again = embedded_store.down(data_dir)
     assert not again.running and "not running" in again.detail
 
     # a stale state file (its process long gone) is cleaned up by the next up
     (data_dir / "store.json").write_text(json.dumps({"pid": first.pid, "endpoint_url": "http://127.0.0.1:1"}))
-    assert "stale" in store.status(data_dir).detail
+    assert "stale" in embedded_store.status(data_dir).detail
 
-    second = store.up(data_dir, s3_port=free_s3_port())
+    second = embedded_store.up(data_dir, s3_port=free_s3_port())
     assert second.healthy and second.pid != first.pid
     import s3fs
 
@@ -156,24 +156,25 @@ def test_taken_port_is_a_clear_error(data_dir):
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", port))
         blocker.listen()
-        with pytest.raises(store.PortInUseError, match=rf"port {port} .*already in use.*--port") as info:
-            store.up(data_dir, s3_port=port)
+        with pytest.raises(embedded_store.PortInUseError, match=rf"port {port} .*already in use.*--port") as info:
+            embedded_store.up(data_dir, s3_port=port)
         assert info.value.port == port
     assert not (data_dir / "store.json").exists()
-    assert not store.status(data_dir).running
+    assert not embedded_store.status(data_dir).running
 
     # the gRPC twin (port + 10000) is named too
     with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", port + store.GRPC_OFFSET))
+        blocker.bind(("127.0.0.1", port + embedded_store.GRPC_OFFSET))
         blocker.listen()
-        with pytest.raises(store.PortInUseError, match=rf"port {port + store.GRPC_OFFSET} .*gRPC.*--port"):
-            store.up(data_dir, s3_port=port)
+        grpc = port + embedded_store.GRPC_OFFSET
+        with pytest.raises(embedded_store.PortInUseError, match=rf"port {grpc} .*gRPC.*--port"):
+            embedded_store.up(data_dir, s3_port=port)
 
 
 def test_default_data_dir(monkeypatch, tmp_path):
-    assert store.default_data_dir() == tmp_path / "home" / ".irg" / "store"
+    assert embedded_store.default_data_dir() == tmp_path / "home" / ".irg" / "store"
     monkeypatch.setenv("IRG_HOME", str(tmp_path / "irg"))
-    assert store.default_data_dir() == tmp_path / "irg" / "store"
+    assert embedded_store.default_data_dir() == tmp_path / "irg" / "store"
 
 
 # --- StoreConfig -------------------------------------------------------------------------------------
@@ -267,5 +268,5 @@ def test_module_functions_follow_the_config_file(running, tmp_path, monkeypatch)
     with pytest.raises(PermissionError) as info:
         storage.exists(uri)
     message = str(info.value)
-    assert uri in message and running.endpoint_url in message and store.DEV_ACCESS_KEY in message
+    assert uri in message and running.endpoint_url in message and embedded_store.DEV_ACCESS_KEY in message
     assert str(path) in message and "Forbidden" in message

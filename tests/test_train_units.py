@@ -9,7 +9,7 @@ from conftest import FIXTURE_DIR, load_golden
 from test_training_forward import golden_batch
 
 from irg.data.format import STAGE_WEIGHTS
-from irg.data.sequence import DataConfig, SpecialTokens, TextPart, build_sample, pack
+from irg.data.sequence import PreprocessConfig, SpecialTokens, TextPart, build_sample, pack
 from irg.model import load_pretrained
 from irg.train.config import TrainConfig, load_config
 from irg.train.ema import ShardedEMA, assemble
@@ -26,7 +26,7 @@ def test_stage_entries_and_overrides_layer_over_the_shared_settings():
     assert one.optim.warmup_steps == 5 and two.optim.warmup_steps == 0  # from stages.2
     assert one.deepspeed.zero_stage == 2 and two.deepspeed.zero_stage == 3
     assert two.optim.betas == (0.8, 0.9) and two.run_name == "exp-stage2"
-    assert isinstance(two.data.preprocess, DataConfig) and two.data.preprocess.vae_transform == (64, 32, 16)
+    assert isinstance(two.data.preprocess, PreprocessConfig) and two.data.preprocess.vae_transform == (64, 32, 16)
     assert TrainConfig.from_dict(two.to_dict()) == two  # what travels to the workers
     assert two.flat()["deepspeed.zero_stage"] == "3"
 
@@ -37,11 +37,13 @@ def test_the_paper_config_keeps_the_reference_recipe():
     assert (config.optim.grad_clip, config.optim.ema_decay, config.model.timestep_shift) == (1.0, 0.995, 4.0)
     assert config.model.dtype == "bfloat16" and config.scaling.use_gpu
     assert load_config(BAGEL_CONFIG, 1).optim.warmup_steps == 500
+    assert load_config(TINY_CONFIG, 1, ["model.dtype=bf16"]).model.torch_dtype is torch.bfloat16
 
 
 @pytest.mark.parametrize("override, message", [
     (["optim.learning_rate=1"], "unknown setting optim.learning_rate"),
-    (["model.dtype=float16"], "model.dtype must be one of"),
+    (["model.dtype=float16"], "model.dtype: training runs in float32 or bfloat16"),
+    (["model.dtype=fp64"], "model.dtype: unknown dtype 'fp64'"),
     (["run.max_steps=0"], "run.max_steps must be >= 1"),
     (["nonsense"], "not of the form"),
 ])
@@ -97,7 +99,8 @@ def test_a_text_only_batch_still_gives_every_trainable_parameter_a_gradient():
     model = pretrained.model.train()
     special = SpecialTokens.from_tokenizer(pretrained.tokenizer)
     parts = [TextPart("a red cube on the left", loss=False), TextPart("I will draw it now.", loss=True)]
-    sample = build_sample(parts, pretrained.tokenizer, DataConfig(text_cond_dropout=0.0), np.random.default_rng(0))
+    sample = build_sample(parts, pretrained.tokenizer, PreprocessConfig(text_cond_dropout=0.0), pretrained.config,
+                          np.random.default_rng(0))
     batch = pack([sample], special)
     assert not batch.has_vit and not batch.has_latents
 

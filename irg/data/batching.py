@@ -78,7 +78,7 @@ class PackedBatches:
 
     def __init__(self, records: Iterable[dict], special: SpecialTokens, expected_tokens: int = 32768,
                  max_tokens: int = 36864, mandatory: Iterable[str] = (), max_buffer: int = 50,
-                 mandatory_lookahead: int = 64, vit_patch_size: int = 14, position: DataPosition | None = None):
+                 mandatory_lookahead: int = 64, position: DataPosition | None = None):
         if expected_tokens > max_tokens:
             raise ValueError(f"expected_tokens ({expected_tokens}) must be <= max_tokens ({max_tokens})")
         self.records = records
@@ -86,7 +86,6 @@ class PackedBatches:
         self.expected_tokens, self.max_tokens = expected_tokens, max_tokens
         self.mandatory = tuple(mandatory)
         self.max_buffer, self.mandatory_lookahead = max_buffer, mandatory_lookahead
-        self.vit_patch_size = vit_patch_size
         self.stats = DataStats()
         self.position = position or DataPosition()
 
@@ -157,7 +156,7 @@ class PackedBatches:
                 buffer.append(item)
 
     def _emit(self, items: list[_Pending]) -> Packed:
-        batch = pack([p.sample for p in items], self.special, self.vit_patch_size)
+        batch = pack([p.sample for p in items], self.special)
         row_ids = [p.row_id for p in items]
         self.position.consumed.update(row_ids)
         self.stats.used += len(items)

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from irg.data.format import RowError, parse_conversation
 from irg.data.plan import WorkUnit, row_id
-from irg.data.sequence import DataConfig, Sample, build_sample
+from irg.data.sequence import PreprocessConfig, Sample, build_sample
+from irg.model import BagelConfig
 
 PREPARED_COLUMNS = ("row_id", "mode", "status", "reason", "detail", "num_tokens", "sample")
 
@@ -32,7 +33,8 @@ class Preparer:
     """Turns work units into prepared records; one per Ray Data worker (it holds the tokenizer)."""
 
     tokenizer: object
-    config: DataConfig
+    config: PreprocessConfig
+    model: BagelConfig  # the checkpoint's geometry: strides, latent grid, ViT position table
     max_tokens_per_sample: int
     seed: int
     epoch: int
@@ -54,7 +56,7 @@ class Preparer:
     def _prepare(self, unit: WorkUnit, row: int, raw) -> dict:
         rid = row_id(unit.relpath, unit.row_group, row)
         try:
-            sample = build_sample(parse_conversation(raw), self.tokenizer, self.config, self._rng(rid))
+            sample = build_sample(parse_conversation(raw), self.tokenizer, self.config, self.model, self._rng(rid))
         except RowError as e:
             return self._reject(unit, row, e.kind, str(e))
         except ValueError as e:  # an image too large for the latent grid or the ViT table

@@ -21,22 +21,22 @@ import numpy as np
 import torch
 
 from irg.data.format import ImagePart, Part, TextPart
-from irg.model import PackedBatch
+from irg.model import BagelConfig, PackedBatch
 from irg.model.latents import grid_position_ids
 from irg.transforms import ImageTransform, normalize, patchify
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Preprocessing of training samples. Defaults are the IRG reference settings."""
+class PreprocessConfig:
+    """Preprocessing of training samples. Dropouts are the IRG reference settings; the image transforms
+    default to the checkpoint's own (:attr:`BagelConfig.vae_transform` / ``vit_transform``), and the
+    latent grid, the ViT position table and both strides always come from the checkpoint."""
 
-    vae_transform: tuple[int, int, int] = (1024, 512, 16)  # (max size, min size, stride) of VAE images
-    vit_transform: tuple[int, int, int] = (980, 224, 14)
+    vae_transform: tuple[int, int, int] | None = None  # (max size, min size, stride) of VAE images
+    vit_transform: tuple[int, int, int] | None = None
     text_cond_dropout: float = 0.1
     vae_cond_dropout: float = 0.3
     vit_cond_dropout: float = 0.3
-    max_latent_size: int = 64
-    vit_max_patches_per_side: int = 70
 
     def __post_init__(self):
         for name in ("text_cond_dropout", "vae_cond_dropout", "vit_cond_dropout"):
@@ -71,6 +71,7 @@ class TextItem:
 class VitItem:
     pixels: np.ndarray  # [3, H, W] uint8, resized; patchified when packed
     position_ids: np.ndarray  # [n] int64 into the ViT position table
+    patch_size: int  # the ViT's patch side in pixels
 
     @property
     def num_tokens(self) -> int:
@@ -83,10 +84,11 @@ class VaeItem:
     position_ids: np.ndarray  # [h·w] int64 into the latent position table
     loss: bool  # a noised generation target (else a clean condition)
     raw_timestep: float  # N(0, 1) draw for targets (shifted in the model), -inf for clean images
+    stride: int  # pixels per latent token: the autoencoder's downsampling times the latent patch
 
     @property
     def grid(self) -> tuple[int, int]:
-        return self.pixels.shape[1] // VAE_STRIDE, self.pixels.shape[2] // VAE_STRIDE
+        return self.pixels.shape[1] // self.stride, self.pixels.shape[2] // self.stride
 
     @property
     def num_tokens(self) -> int:
@@ -101,7 +103,6 @@ class DroppedCondition:
 
 
 Item = TextItem | VitItem | VaeItem | DroppedCondition
-VAE_STRIDE = 16  # pixels per latent token: the autoencoder's 8x downsampling times the 2x2 patch
 
 
 @dataclass
@@ -113,11 +114,17 @@ class Sample:
         return sum(item.num_tokens for item in self.items)
 
 
-def build_sample(parts: list[Part], tokenizer, config: DataConfig, rng: np.random.Generator) -> Sample:
-    """Tokenise, transform and apply condition dropout to one conversation."""
-    vae_transform, vit_transform = ImageTransform(*config.vae_transform), ImageTransform(*config.vit_transform)
-    if vae_transform.stride != VAE_STRIDE:
-        raise ValueError(f"vae_transform stride must be {VAE_STRIDE}, got {vae_transform.stride}")
+def build_sample(parts: list[Part], tokenizer, config: PreprocessConfig, model: BagelConfig,
+                 rng: np.random.Generator) -> Sample:
+    """Tokenise, transform and apply condition dropout to one conversation, for the model ``model`` describes."""
+    vae_transform = ImageTransform(*(config.vae_transform or model.vae_transform))
+    vit_transform = ImageTransform(*(config.vit_transform or model.vit_transform))
+    if vae_transform.stride != model.pixels_per_latent_token:
+        raise ValueError(f"vae_transform stride must be {model.pixels_per_latent_token} (pixels per latent token), "
+                         f"got {vae_transform.stride}")
+    if vit_transform.stride != model.vit.patch_size:
+        raise ValueError(f"vit_transform stride must be {model.vit.patch_size} (the ViT patch), "
+                         f"got {vit_transform.stride}")
     sample = Sample()
     for part in parts:
         if isinstance(part, TextPart):
@@ -128,37 +135,42 @@ def build_sample(parts: list[Part], tokenizer, config: DataConfig, rng: np.rando
             continue
         assert isinstance(part, ImagePart)
         if part.loss:
-            sample.items.append(_vae_item(part, vae_transform, config, float(rng.standard_normal())))
+            sample.items.append(_vae_item(part, vae_transform, model, float(rng.standard_normal())))
         if part.vae:
             dropped = rng.random() < config.vae_cond_dropout
-            sample.items.append(DroppedCondition() if dropped else _vae_item(part, vae_transform, config, -np.inf))
+            sample.items.append(DroppedCondition() if dropped else _vae_item(part, vae_transform, model, -np.inf))
         if part.vit:
             if rng.random() < config.vit_cond_dropout:
                 sample.items.append(DroppedCondition())
             else:
-                pixels = vit_transform.resize(part.image)
-                rows, cols = pixels.shape[1] // vit_transform.stride, pixels.shape[2] // vit_transform.stride
-                if max(rows, cols) > config.vit_max_patches_per_side:
-                    raise ValueError(f"{rows}x{cols} ViT patches exceed {config.vit_max_patches_per_side} per side")
-                position_ids = grid_position_ids(rows, cols, config.vit_max_patches_per_side).numpy()
-                sample.items.append(VitItem(pixels, position_ids))
+                sample.items.append(_vit_item(part, vit_transform, model))
     return sample
 
 
-def _vae_item(part: ImagePart, transform: ImageTransform, config: DataConfig, raw_timestep: float) -> VaeItem:
+def _vit_item(part: ImagePart, transform: ImageTransform, model: BagelConfig) -> VitItem:
     pixels = transform.resize(part.image)
-    h, w = pixels.shape[1] // VAE_STRIDE, pixels.shape[2] // VAE_STRIDE
-    if max(h, w) > config.max_latent_size:
+    rows, cols = pixels.shape[1] // transform.stride, pixels.shape[2] // transform.stride
+    per_side = model.vit_max_num_patch_per_side
+    if max(rows, cols) > per_side:
+        raise ValueError(f"{rows}x{cols} ViT patches exceed {per_side} per side")
+    return VitItem(pixels, grid_position_ids(rows, cols, per_side).numpy(), transform.stride)
+
+
+def _vae_item(part: ImagePart, transform: ImageTransform, model: BagelConfig, raw_timestep: float) -> VaeItem:
+    pixels = transform.resize(part.image)
+    stride = transform.stride
+    h, w = pixels.shape[1] // stride, pixels.shape[2] // stride
+    if max(h, w) > model.max_latent_size:
         raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} exceeds the latent grid "
-                         f"({config.max_latent_size * VAE_STRIDE} px per side)")
-    return VaeItem(pixels, grid_position_ids(h, w, config.max_latent_size).numpy(), part.loss, raw_timestep)
+                         f"({model.max_latent_size * stride} px per side)")
+    return VaeItem(pixels, grid_position_ids(h, w, model.max_latent_size).numpy(), part.loss, raw_timestep, stride)
 
 
-def pack(samples: list[Sample], special: SpecialTokens, vit_patch_size: int = 14) -> PackedBatch:
+def pack(samples: list[Sample], special: SpecialTokens) -> PackedBatch:
     """Concatenate samples into one packed batch with per-sample attention masks."""
     b = _PackedLists()
     for sample in samples:
-        _pack_one(sample, special, vit_patch_size, b)
+        _pack_one(sample, special, b)
     return b.to_batch()
 
 
@@ -216,7 +228,7 @@ class _PackedLists:
         return batch
 
 
-def _pack_one(sample: Sample, special: SpecialTokens, vit_patch_size: int, b: _PackedLists) -> None:
+def _pack_one(sample: Sample, special: SpecialTokens, b: _PackedLists) -> None:
     start, rope = b.curr, 0
     splits: list[tuple[int, str]] = []  # (length, attention mode) of each span of the sample
     for item in sample.items:
@@ -241,7 +253,7 @@ def _pack_one(sample: Sample, special: SpecialTokens, vit_patch_size: int, b: _P
             b.position_ids.extend([rope] * length)
             if isinstance(item, VitItem):
                 b.vit_indexes.extend(range(b.curr + 1, b.curr + 1 + n))
-                b.vit_tokens.append(patchify(normalize(item.pixels), vit_patch_size))
+                b.vit_tokens.append(patchify(normalize(item.pixels), item.patch_size))
                 b.vit_position_ids.append(item.position_ids)
                 b.vit_seqlens.append(n)
                 rope += 1

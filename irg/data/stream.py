@@ -20,7 +20,7 @@ from irg import storage
 from irg.data.format import MODES, STAGE_WEIGHTS
 from irg.data.plan import DataPosition, WorkUnit, discover, epoch_quota, plan_epoch, rows_per_mode
 from irg.data.prepare import PREPARED_COLUMNS, Preparer
-from irg.data.sequence import DataConfig
+from irg.data.sequence import PreprocessConfig
 
 
 @dataclass
@@ -28,12 +28,12 @@ class StreamConfig:
     """Where the data is and how one epoch of it is drawn and prepared."""
 
     root: str  # folder or s3:// URI holding one folder per learning mode
-    tokenizer: str  # checkpoint folder or URI whose tokenizer files tokenise the text
+    checkpoint: str  # folder or URI of the checkpoint trained: its tokenizer and its image geometry
     weights: dict[str, float] = field(default_factory=lambda: dict(STAGE_WEIGHTS[1]))
     mandatory: tuple[str, ...] = ()
     seed: int = 0
     epoch_rows: int | None = None  # rows per epoch; default: as many as the weights allow without repeats
-    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     max_tokens_per_sample: int = 16384
     strict: bool = False
     prepare_concurrency: int = 2  # Ray Data workers that decode and tokenise
@@ -48,11 +48,11 @@ class StreamConfig:
             raise ValueError(f"mandatory modes {missing} have no positive weight")
 
     @classmethod
-    def for_stage(cls, stage: int, root: str, tokenizer: str, **overrides) -> StreamConfig:
+    def for_stage(cls, stage: int, root: str, checkpoint: str, **overrides) -> StreamConfig:
         """IRGL stage 1 (all six modes) or 2 (the two full modes), with the reference weights."""
         if stage not in STAGE_WEIGHTS:
             raise ValueError(f"stage must be one of {sorted(STAGE_WEIGHTS)}, got {stage}")
-        return cls(root=root, tokenizer=tokenizer, weights=dict(STAGE_WEIGHTS[stage]), **overrides)
+        return cls(root=root, checkpoint=checkpoint, weights=dict(STAGE_WEIGHTS[stage]), **overrides)
 
 
 class DataPlanError(ValueError):
@@ -111,11 +111,13 @@ class _PrepareUnits:
     """Ray Data UDF: read and prepare work units (holds the tokenizer and filesystem per worker)."""
 
     def __init__(self, config: StreamConfig, store: storage.StoreConfig | None, epoch: int):
-        from irg.model.checkpoint import load_tokenizer
+        from irg.model.checkpoint import load_tokenizer, read_config
 
         self.fs, _ = storage.arrow_filesystem(config.root, store)
-        self.preparer = Preparer(load_tokenizer(config.tokenizer), config.data, config.max_tokens_per_sample,
-                                 config.seed, epoch, config.strict)
+        self.preparer = Preparer(
+            tokenizer=load_tokenizer(config.checkpoint), config=config.preprocess,
+            model=read_config(config.checkpoint), max_tokens_per_sample=config.max_tokens_per_sample,
+            seed=config.seed, epoch=epoch, strict=config.strict)
 
     def __call__(self, batch: dict) -> dict:
         records = []

@@ -23,30 +23,32 @@ import numpy as np
 from PIL import Image
 
 from irg import storage
-from irg.cli import DTYPES
+from irg.device import dtype_name
 from irg.eval.benchmarks import EvalPrompt
+from irg.pipeline.request import DEFAULTS
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What decides the images; stored with the samples so a re-run cannot mix settings."""
-    height: int = 1024
-    width: int = 1024
-    steps: int = 50
-    rounds: int = 2
+    """What decides the images; stored with the samples so a re-run cannot mix settings. Defaults are
+    the pipeline's (:data:`irg.pipeline.DEFAULTS`)."""
+
+    height: int = DEFAULTS.height
+    width: int = DEFAULTS.width
+    steps: int = DEFAULTS.num_steps
+    rounds: int = DEFAULTS.rounds
     samples: int = 1  # images per prompt (GenEval's protocol uses 4)
     seed: int = 0
-    max_think_tokens: int = 1024
-    think_temperature: float = 0.3
-    dtype: str = "bf16"  # on GPU; CPU runs in fp32
+    max_think_tokens: int = DEFAULTS.max_think_tokens
+    think_temperature: float = DEFAULTS.think_temperature
+    dtype: str = "auto"  # see irg.device: bf16 on GPU, fp32 on the CPU
 
     def __post_init__(self):
         if self.samples < 1 or self.rounds < 1:
             raise ValueError(f"samples and rounds must be >= 1, got {self.samples} and {self.rounds}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unknown {self.dtype!r}, expected one of {sorted(DTYPES)}")
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))  # one spelling in the stored claim
 
 
 def sample_seed(seed: int, prompt_id: str, sample: int) -> int:
@@ -84,14 +86,10 @@ class ImageGenerator:
     """One model replica (a Ray Data actor): a batch of (prompt, sample) rows in, files written, rows out."""
 
     def __init__(self, model: str, output: str, settings: GenerationSettings, device: str = "auto"):
-        import torch
-
-        from irg.pipeline import IRGPipeline, resolve_device
+        from irg.pipeline import IRGPipeline
 
         self.settings = settings
-        device = resolve_device(device)
-        dtype = getattr(torch, DTYPES[settings.dtype]) if device.type != "cpu" else torch.float32
-        self.pipe = IRGPipeline.from_pretrained(model, device=device, dtype=dtype)
+        self.pipe = IRGPipeline.from_pretrained(model, device=device, dtype=settings.dtype)
         self.output = output
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

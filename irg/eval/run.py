@@ -17,7 +17,7 @@ from irg import storage
 from irg.eval.benchmarks import EvalPrompt, load_benchmark
 from irg.eval.generate import GenerationSettings, finished_samples, generate_samples, read_image
 from irg.eval.report import Report, build_report, format_table, grid_image
-from irg.eval.scorers import DEFAULT_SCORER, ScorerSpec
+from irg.eval.scorer_settings import DEFAULT_SCORER, ScorerSettings
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "irg-eval"
@@ -31,7 +31,7 @@ class EvalConfig:
     output: str | None = None  # default: <store>/eval/<name>, else $IRG_HOME/eval/<name>
     limit: int | None = None
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    scorer: ScorerSpec | None = None  # default: the benchmark's own
+    scorer: ScorerSettings | None = None  # default: the benchmark's own
     workers: int | None = None  # generator actors (default: one per GPU, else one)
     batch_size: int = 4
     score_workers: int = 1
@@ -44,7 +44,7 @@ class EvalConfig:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ValueError(f"name: {self.name!r} must be letters, digits, '.', '_' or '-'")
         if self.scorer is None:
-            self.scorer = ScorerSpec(DEFAULT_SCORER.get(self.benchmark, "geneval"), device=self.device)
+            self.scorer = ScorerSettings(kind=DEFAULT_SCORER.get(self.benchmark, "geneval"), device=self.device)
         if self.output is None:
             store = storage.configured_store()
             self.output = (store.uri(f"eval/{self.name}") if store is not None and store.endpoint_url
@@ -110,7 +110,7 @@ def score_samples(cfg: EvalConfig, prompts: list[EvalPrompt]) -> list[dict]:
 class ImageScorer:
     """A scoring actor: reads the images of a batch of (prompt, sample, round) rows and scores them."""
 
-    def __init__(self, spec: ScorerSpec, output: str, prompts: list[EvalPrompt], cache: str):
+    def __init__(self, spec: ScorerSettings, output: str, prompts: list[EvalPrompt], cache: str):
         self.scorer = spec.build(cache)
         self.output = output
         self.prompts = {p.id: p for p in prompts}

@@ -123,8 +123,9 @@ def load_weights(module: nn.Module, uri: str, device="cpu", dtype: torch.dtype |
     with storage.open_file(uri, "rb") as f:
         reader = SafetensorsReader(f, uri)
         expected = {name: tuple(p.shape) for name, p in module.state_dict(keep_vars=True).items()}
-        check_keys(expected, {k: reader.shape(k) for k in reader}, uri)
-        for name in reader:
+        names = reader.keys()  # a reader, not a dict: it has no __iter__
+        check_keys(expected, {k: reader.shape(k) for k in names}, uri)
+        for name in names:
             tensor = reader.get(name)
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
@@ -173,6 +174,7 @@ def save_pretrained(
         "max_latent_size": config.max_latent_size, "vit_max_num_patch_per_side": config.vit_max_num_patch_per_side,
         "connector_act": "gelu_pytorch_tanh", "interpolate_pos": False, "timestep_shift": config.timestep_shift,
         "image_start_token_id": config.image_start_token_id, "image_end_token_id": config.image_end_token_id,
+        "vae_image_min_size": config.vae_image_min_size, "vit_image_min_size": config.vit_image_min_size,
     }
     for name, content in (("llm_config.json", llm), ("vit_config.json", config.vit.to_hf_dict()),
                           ("ae_config.json", asdict(config.ae)), ("bagel_config.json", bagel)):

@@ -105,6 +105,9 @@ class BagelConfig:
     # a loaded checkpoint takes them from its tokenizer).
     image_start_token_id: int = 151652
     image_end_token_id: int = 151653
+    # The short-side floor of images fed to the autoencoder / the ViT (BAGEL's 512 and 224 px).
+    vae_image_min_size: int = 512
+    vit_image_min_size: int = 224
 
     @property
     def latent_channels(self) -> int:
@@ -115,20 +118,28 @@ class BagelConfig:
     def pixels_per_latent_token(self) -> int:
         return self.ae.downsample * self.latent_patch_size
 
+    @property
+    def vae_transform(self) -> tuple[int, int, int]:
+        """(max size, min size, stride) of images encoded as latents: the latent grid's full size, on its stride."""
+        unit = self.pixels_per_latent_token
+        return self.max_latent_size * unit, self.vae_image_min_size, unit
+
+    @property
+    def vit_transform(self) -> tuple[int, int, int]:
+        """(max size, min size, stride) of images the ViT reads: its position table's full size, on its patch."""
+        patch = self.vit.patch_size
+        return self.vit_max_num_patch_per_side * patch, self.vit_image_min_size, patch
+
     @classmethod
     def from_checkpoint_dir(cls, files: dict[str, dict]) -> BagelConfig:
         """Build from the parsed JSON files of an official checkpoint folder (name -> dict)."""
-        bagel = files.get("bagel_config.json", {})
+        scalars = {k: v for k, v in _known_fields(cls, files.get("bagel_config.json", {})).items()
+                   if k not in ("llm", "vit", "ae")}
         return cls(
             llm=LLMConfig.from_hf_dict(files["llm_config.json"]),
             vit=ViTConfig.from_hf_dict(files["vit_config.json"]),
             ae=AEConfig.from_dict(files["ae_config.json"]) if "ae_config.json" in files else AEConfig(),
-            latent_patch_size=bagel.get("latent_patch_size", 2),
-            max_latent_size=bagel.get("max_latent_size", 64),
-            vit_max_num_patch_per_side=bagel.get("vit_max_num_patch_per_side", 70),
-            timestep_shift=bagel.get("timestep_shift", 4.0),
-            image_start_token_id=bagel.get("image_start_token_id", 151652),
-            image_end_token_id=bagel.get("image_end_token_id", 151653),
+            **scalars,
         )
 
 

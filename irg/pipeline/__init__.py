@@ -3,8 +3,16 @@
 from irg.pipeline.events import PipelineEvent
 from irg.pipeline.irg_pipeline import IRGOutput, IRGPipeline
 from irg.pipeline.prompts import SYSTEM_PROMPT
-from irg.pipeline.request import GenerationRequest, InvalidRequestError, resolve_device, validate_request
+from irg.pipeline.request import (
+    DEFAULTS,
+    LIMITS,
+    GenerationDefaults,
+    GenerationLimits,
+    GenerationRequest,
+    InvalidRequestError,
+    validate_request,
+)
 from irg.pipeline.settings import RoundSettings
 
-__all__ = ["GenerationRequest", "IRGOutput", "IRGPipeline", "InvalidRequestError", "PipelineEvent", "RoundSettings",
-           "SYSTEM_PROMPT", "resolve_device", "validate_request"]
+__all__ = ["DEFAULTS", "LIMITS", "SYSTEM_PROMPT", "GenerationDefaults", "GenerationLimits", "GenerationRequest",
+           "IRGOutput", "IRGPipeline", "InvalidRequestError", "PipelineEvent", "RoundSettings", "validate_request"]

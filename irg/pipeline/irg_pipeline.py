@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from irg.device import resolve_device, resolve_dtype
 from irg.model import KVCache, load_pretrained, save_pretrained
 from irg.model.latents import grid_position_ids, patchify_latent, unpatchify_latent
 from irg.pipeline.events import PipelineEvent
 from irg.pipeline.flow import StepResult, sample_flow
-from irg.pipeline.request import GenerationRequest, resolve_device, validate_request
+from irg.pipeline.request import GenerationRequest, validate_request
 from irg.pipeline.settings import RoundSettings
 from irg.pipeline.text import next_tokens
 from irg.transforms import ImageTransform, patchify_image
@@ -61,10 +62,13 @@ class IRGPipeline:
         self._system_caches: dict[tuple, KVCache] = {}
 
     @classmethod
-    def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        """Load a checkpoint in the official BAGEL layout from a folder or an ``s3://`` URI."""
+    def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto"):
+        """Load a checkpoint in the official BAGEL layout from a folder or an ``s3://`` URI.
+
+        ``device`` and ``dtype`` take names or torch objects (see :mod:`irg.device`); dtype ``"auto"``
+        is bfloat16 on CUDA and float32 on the CPU."""
         device = resolve_device(device)
-        pretrained = load_pretrained(path, device=device, dtype=dtype)
+        pretrained = load_pretrained(path, device=device, dtype=resolve_dtype(dtype, device))
         return cls(pretrained.model, pretrained.autoencoder, pretrained.tokenizer)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:

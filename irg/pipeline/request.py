@@ -1,5 +1,12 @@
 """Validation of a generation request, separate from the model so that a CLI or a server can reject
-bad input from the model's configuration alone, before loading or running anything."""
+bad input from the model's configuration alone, before loading or running anything.
+
+This module owns what a request gets when it does not say (:data:`DEFAULTS`) and how far it may go
+(:data:`LIMITS`): the CLI, Serve, the registry's pyfunc, evaluation and training samples pass None
+(or nothing) for what their user did not set, and take their help texts and bounds from here. The
+image transforms that feed a round's image back default to the checkpoint's own
+(:attr:`BagelConfig.vae_transform`, :attr:`BagelConfig.vit_transform`).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +22,30 @@ from irg.pipeline.prompts import SYSTEM_PROMPT
 from irg.pipeline.settings import RoundSettings, default_round_settings
 from irg.transforms import ImageTransform
 
-VAE_TRANSFORM = (1024, 512, 16)
-VIT_TRANSFORM = (980, 224, 14)
-MAX_THINK_TOKENS = 1000  # the reference's max_length for a think
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The IRG reference settings, for whatever a request leaves unset."""
+
+    height: int = 1024
+    width: int = 1024
+    num_steps: int = 50
+    rounds: int = 2  # the paper found 2 best
+    think_temperature: float = 0.3
+    max_think_tokens: int = 1000  # the reference's max_length for a think
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """The largest request any front end accepts (a server may add budgets of its own on top)."""
+
+    max_num_steps: int = 1000
+    max_rounds: int = 16
+    max_think_tokens: int = 8192
+
+
+DEFAULTS = GenerationDefaults()
+LIMITS = GenerationLimits()
 
 
 class InvalidRequestError(ValueError):
@@ -54,23 +82,32 @@ class GenerationRequest:
 def validate_request(
     config: BagelConfig,
     prompt: str | Sequence[str],
-    height: int = 1024,
-    width: int = 1024,
-    num_steps: int = 50,
-    rounds: int = 2,
+    height: int | None = None,
+    width: int | None = None,
+    num_steps: int | None = None,
+    rounds: int | None = None,
     seed: int | Sequence[int] | None = None,
     think_texts: Sequence | None = None,
     images: Sequence | None = None,
     init_noise: Sequence | None = None,
     vae_encode_noise: Sequence | None = None,
     round_settings: Sequence[dict | RoundSettings] | None = None,
-    vae_transform: tuple[int, int, int] = VAE_TRANSFORM,
-    vit_transform: tuple[int, int, int] = VIT_TRANSFORM,
-    think_temperature: float = 0.3,
-    max_think_tokens: int = MAX_THINK_TOKENS,
+    vae_transform: tuple[int, int, int] | None = None,
+    vit_transform: tuple[int, int, int] | None = None,
+    think_temperature: float | None = None,
+    max_think_tokens: int | None = None,
     system_prompt: str = SYSTEM_PROMPT,
 ) -> GenerationRequest:
-    """Check every argument of :meth:`IRGPipeline.__call__` against the model configuration."""
+    """Check every argument of :meth:`IRGPipeline.__call__` against the model configuration; None
+    means the default (:data:`DEFAULTS`, or the checkpoint's transforms)."""
+    height = DEFAULTS.height if height is None else height
+    width = DEFAULTS.width if width is None else width
+    num_steps = DEFAULTS.num_steps if num_steps is None else num_steps
+    rounds = DEFAULTS.rounds if rounds is None else rounds
+    think_temperature = DEFAULTS.think_temperature if think_temperature is None else think_temperature
+    max_think_tokens = DEFAULTS.max_think_tokens if max_think_tokens is None else max_think_tokens
+    vae_transform = config.vae_transform if vae_transform is None else vae_transform
+    vit_transform = config.vit_transform if vit_transform is None else vit_transform
     single = isinstance(prompt, str)
     if not single and not isinstance(prompt, (list, tuple)):
         raise InvalidRequestError(f"prompt: must be a string or a list of strings, got {type(prompt).__name__}")
@@ -88,17 +125,13 @@ def validate_request(
             raise InvalidRequestError(f"{name}: must be a positive multiple of {unit}, got {value!r}")
         if value > max_side:
             raise InvalidRequestError(f"{name}: {value} exceeds the model's latent grid ({max_side} px per side)")
-    if not _is_int(num_steps) or num_steps < 2:
-        raise InvalidRequestError(f"num_steps: must be an integer >= 2, got {num_steps!r}")
-    if not _is_int(rounds) or rounds < 1:
-        raise InvalidRequestError(f"rounds: must be an integer >= 1, got {rounds!r}")
+    _check_range("num_steps", num_steps, 2, LIMITS.max_num_steps)
+    _check_range("rounds", rounds, 1, LIMITS.max_rounds)
     _check_transform("vae_transform", vae_transform, unit, max_side)
-    _check_transform("vit_transform", vit_transform, config.vit.patch_size,
-                     config.vit.patch_size * config.vit_max_num_patch_per_side)
+    _check_transform("vit_transform", vit_transform, config.vit.patch_size, config.vit_transform[0])
     if not isinstance(think_temperature, (int, float)) or isinstance(think_temperature, bool) or think_temperature < 0:
         raise InvalidRequestError(f"think_temperature: must be a number >= 0, got {think_temperature!r}")
-    if not _is_int(max_think_tokens) or max_think_tokens < 1:
-        raise InvalidRequestError(f"max_think_tokens: must be an integer >= 1, got {max_think_tokens!r}")
+    _check_range("max_think_tokens", max_think_tokens, 1, LIMITS.max_think_tokens)
 
     request = GenerationRequest(
         prompts=prompts, single=single, height=height, width=width, num_steps=num_steps, rounds=rounds,
@@ -121,6 +154,11 @@ def validate_request(
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_range(name: str, value, low: int, high: int) -> None:
+    if not _is_int(value) or not low <= value <= high:
+        raise InvalidRequestError(f"{name}: must be an integer from {low} to {high}, got {value!r}")
 
 
 def _check_transform(name: str, value, stride_unit: int, max_size: int) -> None:
@@ -202,22 +240,3 @@ def _check_noise_shapes(config: BagelConfig, request: GenerationRequest) -> None
             if value is not None and tuple(value.shape) not in shapes:
                 raise InvalidRequestError(f"{name}[{r}]: expected shape {' or '.join(map(str, shapes))}, "
                                           f"got {tuple(value.shape)}")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A usable torch device (``"auto"``: CUDA where there is one, else the CPU), or an
-    :class:`InvalidRequestError` that says why not."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InvalidRequestError(f"unknown device {device!r}: {e}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidRequestError(f"device {str(device)!r} requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InvalidRequestError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise InvalidRequestError(f"unsupported device {str(device)!r} (use cpu or cuda)")
-    return device

@@ -23,13 +23,14 @@ import torch
 import yaml
 
 from irg.data.format import STAGE_WEIGHTS
-from irg.data.sequence import DataConfig
+from irg.device import resolve_dtype
+from irg.data.sequence import PreprocessConfig
 
 
 @dataclass
 class ModelSettings:
     checkpoint: str = "tests/fixtures/bagel_tiny"  # official BAGEL layout (folder or s3://): weights, AE, tokenizer
-    dtype: str = "float32"  # float32 or bfloat16 (DeepSpeed bf16: fp32 master weights in the optimizer)
+    dtype: str = "float32"  # float32 or bfloat16, any spelling irg.device takes (DeepSpeed bf16: fp32 master weights)
     freeze_vit: bool = False
     freeze_und: bool = False  # the understanding expert of the LLM (and the token embeddings / LM head)
     activation_checkpointing: bool = False
@@ -37,10 +38,10 @@ class ModelSettings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-        if self.dtype not in dtypes:
-            raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {self.dtype!r}")
-        return dtypes[self.dtype]
+        dtype = resolve_dtype(self.dtype, argument="model.dtype")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"model.dtype: training runs in float32 or bfloat16, got {self.dtype!r}")
+        return dtype
 
 
 @dataclass
@@ -66,7 +67,7 @@ class DataSettings:
     expected_tokens: int = 32768  # packed tokens per worker per step
     max_tokens: int = 36864
     max_tokens_per_sample: int = 16384
-    preprocess: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     epoch_rows: int | None = None
     shuffle_buffer: int = 256  # records each worker mixes locally: units are whole row groups of one mode
     seed: int = 0
@@ -123,7 +124,7 @@ class TrackingSettings:
     sample_prompt: str = "a red cube on the left of a blue ball"
     sample_size: int = 512
     sample_steps: int = 50
-    sample_max_think_tokens: int = 256
+    sample_max_think_tokens: int | None = None  # None: the pipeline's default
     sample_images: bool = True  # at each checkpoint, from the EMA weights (rank 0 holds a full copy)
     peak_tflops: float | None = None  # per worker, for MFU; default: known GPUs, or a measured CPU matmul
 
@@ -244,8 +245,8 @@ def _build(cls, d: dict, where: str):
         path = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, path)
-        elif isinstance(default, tuple) and isinstance(value, list):
-            kwargs[name] = tuple(value)
+        elif isinstance(value, list) and str(fields[name].type).startswith("tuple"):
+            kwargs[name] = tuple(value)  # YAML has lists only
         else:
             kwargs[name] = value
     return cls(**kwargs)

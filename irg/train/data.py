@@ -25,18 +25,17 @@ from irg.train.config import TrainConfig
 def stream_config(config: TrainConfig) -> StreamConfig:
     d = config.data
     return StreamConfig(
-        root=d.root, tokenizer=config.model.checkpoint, weights=dict(d.weights), mandatory=tuple(d.mandatory),
-        seed=d.seed, epoch_rows=d.epoch_rows, data=d.preprocess, max_tokens_per_sample=d.max_tokens_per_sample,
+        root=d.root, checkpoint=config.model.checkpoint, weights=dict(d.weights), mandatory=tuple(d.mandatory),
+        seed=d.seed, epoch_rows=d.epoch_rows, preprocess=d.preprocess, max_tokens_per_sample=d.max_tokens_per_sample,
         strict=d.strict, prepare_concurrency=d.prepare_concurrency, prepare_cpus=d.prepare_cpus,
     )
 
 
 class WorkerBatches:
     def __init__(self, config: TrainConfig, special: SpecialTokens, position: DataPosition, rank: int,
-                 world_size: int, device: torch.device, vit_patch_size: int):
+                 world_size: int, device: torch.device):
         self.config, self.special = config, special
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.vit_patch_size = vit_patch_size
         self.data = IRGLData(stream_config(config), storage.StoreConfig.load()) if rank == 0 else None
         self.finished_stats = DataStats()
         self._start(position)
@@ -82,7 +81,7 @@ class WorkerBatches:
         records = iter_records(split, self.config.data.shuffle_buffer, seed=shuffle_seed)
         self.packer = PackedBatches(
             records, self.special, self.config.data.expected_tokens, self.config.data.max_tokens,
-            self.config.data.mandatory, vit_patch_size=self.vit_patch_size,
+            self.config.data.mandatory,
             position=DataPosition(position.epoch, set(position.consumed)),
         )
         self._batches = iter(self.packer)

@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict) -> None:
             logger.set_tags({"irg.resumes": str(state.resumes)})
 
     batches = WorkerBatches(cfg, SpecialTokens.from_tokenizer(pretrained.tokenizer), state.position, rank, world,
-                            device, pretrained.config.vit.patch_size)
+                            device)
     peak = peak_flops(device, cfg.model.torch_dtype, cfg.tracking.peak_tflops)
     progress = tqdm(total=cfg.run.max_steps, initial=state.step, desc=f"stage {cfg.stage}", disable=rank != 0,
                     mininterval=5)

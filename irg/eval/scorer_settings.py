@@ -13,7 +13,7 @@ DEFAULT_SCORER = {"shapes": "shapes", "geneval": "geneval", "wise": "wise"}
 
 
 @dataclass(frozen=True)
-class ScorerSpec:
+class ScorerSettings:
     kind: str = "shapes"
     # geneval: local Hugging Face folders (no download at run time)
     detector: str | None = None  # Mask2Former, COCO instance segmentation
@@ -62,9 +62,9 @@ class ScorerSpec:
 
             return shapes_scorer()
         if self.kind == "geneval":
+            from irg.device import resolve_device
             from irg.eval.geneval import GenEvalScorer
             from irg.eval.hf_detection import ClipColorClassifier, Mask2FormerDetector
-            from irg.pipeline import resolve_device
 
             device = resolve_device(self.device)
             return GenEvalScorer(Mask2FormerDetector(self.detector, device), ClipColorClassifier(self.color_classifier,
