@@ -106,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registry():
-    from irg import registry
+    from irg import registry, tracking
 
-    registry.configure_tracking()
+    tracking.configure()
     return registry
 
 

@@ -36,11 +36,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from irg.storage import StoreConfig, irg_home
+from irg.storage import (
+    ACCESS_KEY_ENV,
+    BUCKET_ENV,
+    DEFAULT_BUCKET,
+    DEFAULT_REGION,
+    ENDPOINT_ENV,
+    SECRET_KEY_ENV,
+    SESSION_TOKEN_ENV,
+    StoreConfig,
+    irg_home,
+)
 
 HOST = "127.0.0.1"
 DEFAULT_S3_PORT = 8333
-DEFAULT_BUCKET = "irg"
 # Loopback-only development credentials (see the module docstring).
 DEV_ACCESS_KEY = "irg-local-dev"
 DEV_SECRET_KEY = "irg-local-dev-secret"
@@ -388,11 +397,11 @@ class _ExitedEarly(Exception):
 def _spawn(args: list[str], data_dir: Path, config: StoreConfig, log, detach: bool) -> subprocess.Popen:
     # weed mini makes its admin identity from these variables (and the bucket from -bucket).
     env = os.environ | {
-        "AWS_ACCESS_KEY_ID": config.access_key,
-        "AWS_SECRET_ACCESS_KEY": config.secret_key,
+        ACCESS_KEY_ENV: config.access_key,
+        SECRET_KEY_ENV: config.secret_key,
         "S3_BUCKET": config.bucket,
     }
-    for name in ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+    for name in (SESSION_TOKEN_ENV, ENDPOINT_ENV):
         env.pop(name, None)
     log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args)}\n".encode())
     log.flush()
@@ -456,7 +465,7 @@ def local_config(s3_port: int = DEFAULT_S3_PORT, bucket: str | None = None,
                  access_key: str = DEV_ACCESS_KEY, secret_key: str = DEV_SECRET_KEY) -> StoreConfig:
     """The client configuration of an embedded store on ``127.0.0.1:s3_port`` with the dev credentials."""
     return StoreConfig(endpoint_url=f"http://{HOST}:{s3_port}", access_key=access_key, secret_key=secret_key,
-                       region="us-east-1", bucket=bucket or os.environ.get("IRG_BUCKET") or DEFAULT_BUCKET)
+                       region=DEFAULT_REGION, bucket=bucket or os.environ.get(BUCKET_ENV) or DEFAULT_BUCKET)
 
 
 # Processes started by this interpreter, so that :func:`down` can reap them (no zombies).
@@ -603,7 +612,7 @@ def _remove_state(data_dir: Path) -> None:
 def _status_from_state(data_dir: Path, state: dict) -> StoreStatus:
     cfg = state.get("config", {})
     config = StoreConfig(endpoint_url=state.get("endpoint_url"), access_key=cfg.get("access_key"),
-                         secret_key=cfg.get("secret_key"), region=cfg.get("region") or "us-east-1",
+                         secret_key=cfg.get("secret_key"), region=cfg.get("region") or DEFAULT_REGION,
                          bucket=state.get("bucket") or DEFAULT_BUCKET)
     return StoreStatus(data_dir, running=True, healthy=False, pid=state.get("pid"),
                        endpoint_url=state.get("endpoint_url"), bucket=state.get("bucket"),

@@ -19,7 +19,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from irg import storage
+from irg import storage, tracking
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 
@@ -138,20 +138,12 @@ def list_models(name: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
 
-def configure_tracking() -> str:
-    """Point MLflow at ``$MLFLOW_TRACKING_URI`` (else the local sqlite default) and the object store."""
-    from irg.train.config import TrackingSettings
-    from irg.train.tracking import configure
-
-    return configure(TrackingSettings(), storage.configured_store())
-
-
 def checkpoint_path(model: str) -> str:
     """A checkpoint folder/URI for ``model``: itself, or for ``models:/NAME@ALIAS`` (or ``/VERSION``) the
     registered checkpoint, downloaded from the registry."""
     if not model.startswith("models:/"):
         return model
-    configure_tracking()
+    tracking.configure()
     local = mlflow.artifacts.download_artifacts(artifact_uri=model)
     path = os.path.join(local, "artifacts", CHECKPOINT_ARTIFACT)
     if not os.path.isdir(path):
@@ -165,7 +157,7 @@ def checkpoint_uri(model: str) -> str:
     it directly."""
     if not model.startswith("models:/"):
         return model
-    configure_tracking()
+    tracking.configure()
     client = MlflowClient()
     name, _, ref = model.removeprefix("models:/").partition("@")
     if ref:

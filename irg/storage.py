@@ -30,18 +30,26 @@ from urllib.parse import urlsplit
 
 import fsspec
 
+# The names and defaults every part uses (the embedded store, jobs, Ray runtime environments).
 CONFIG_ENV = "IRG_STORE_CONFIG"
 BUCKET_ENV = "IRG_BUCKET"
+HOME_ENV = "IRG_HOME"
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
+SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+SESSION_TOKEN_ENV = "AWS_SESSION_TOKEN"
+REGION_ENV = "AWS_DEFAULT_REGION"
+MLFLOW_ENDPOINT_ENV = "MLFLOW_S3_ENDPOINT_URL"  # MLflow's artifact client ignores AWS_ENDPOINT_URL
 DEFAULT_REGION = "us-east-1"
 DEFAULT_BUCKET = "irg"
 
 # Environment variable -> StoreConfig field; the environment overrides the config file.
 _ENV_FIELDS = {
-    "AWS_ENDPOINT_URL": "endpoint_url",
-    "AWS_ACCESS_KEY_ID": "access_key",
-    "AWS_SECRET_ACCESS_KEY": "secret_key",
-    "AWS_SESSION_TOKEN": "session_token",
-    "AWS_DEFAULT_REGION": "region",
+    ENDPOINT_ENV: "endpoint_url",
+    ACCESS_KEY_ENV: "access_key",
+    SECRET_KEY_ENV: "secret_key",
+    SESSION_TOKEN_ENV: "session_token",
+    REGION_ENV: "region",
     BUCKET_ENV: "bucket",
 }
 
@@ -53,7 +61,7 @@ def default_config_path() -> Path:
 
 def irg_home() -> Path:
     """Where IRG keeps local state (the embedded store, the local MLflow database): ``$IRG_HOME`` or ~/.irg."""
-    return Path(os.environ.get("IRG_HOME") or os.path.join(os.path.expanduser("~"), ".irg"))
+    return Path(os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".irg"))
 
 
 def embedded_client_path() -> Path:
@@ -154,14 +162,14 @@ class StoreConfig:
         """
         out: dict[str, str] = {}
         if self.endpoint_url:
-            out["AWS_ENDPOINT_URL"] = self.endpoint_url
-            out["MLFLOW_S3_ENDPOINT_URL"] = self.endpoint_url
+            out[ENDPOINT_ENV] = self.endpoint_url
+            out[MLFLOW_ENDPOINT_ENV] = self.endpoint_url
         if self.has_keys:
-            out["AWS_ACCESS_KEY_ID"] = self.access_key
-            out["AWS_SECRET_ACCESS_KEY"] = self.secret_key
+            out[ACCESS_KEY_ENV] = self.access_key
+            out[SECRET_KEY_ENV] = self.secret_key
             if self.session_token:
-                out["AWS_SESSION_TOKEN"] = self.session_token
-        out["AWS_DEFAULT_REGION"] = self.region
+                out[SESSION_TOKEN_ENV] = self.session_token
+        out[REGION_ENV] = self.region
         out["AWS_REGION"] = self.region
         out[BUCKET_ENV] = self.bucket
         return out

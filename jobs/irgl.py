@@ -12,7 +12,8 @@ import json
 import logging
 import sys
 
-from irg.train import INPUT_ERRORS, load_config, run_irgl
+from irg.train import INPUT_ERRORS, load_config
+from irg.train.trainer import run_irgl
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ import json
 import logging
 import sys
 
-from irg.train import INPUT_ERRORS, load_config, run_stage
+from irg.train import INPUT_ERRORS, load_config
+from irg.train.trainer import run_stage
 
 
 def main() -> None:

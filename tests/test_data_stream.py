@@ -13,11 +13,13 @@ from conftest import FIXTURE_DIR
 from irg import storage
 from irg.data.batching import DataStats, PackedBatches
 from irg.data.format import FULL_MODES, MODES
-from irg.data.plan import DataPosition
+from irg.data.plan import DataPlanError, DataPosition
 from irg.data.prepare import BadRowError
 from irg.data.sequence import PreprocessConfig, SpecialTokens
-from irg.data.stream import DataPlanError, IRGLData, StreamConfig, iter_records
+from irg.data.stream import IRGLData, StreamConfig, iter_records
 from irg.data.synth import synth_conversation, write_synthetic
+
+pytestmark = pytest.mark.integration  # Ray Data on a local Ray instance, reading from the SeaweedFS server
 
 ROWS_PER_MODE = 24
 SMALL = PreprocessConfig(vae_transform=(64, 32, 16), vit_transform=(56, 28, 14))

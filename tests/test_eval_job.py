@@ -11,8 +11,10 @@ import pytest
 from conftest import FIXTURE_DIR, RAY, REPO
 from mlflow import MlflowClient
 
-from irg import registry, storage
+from irg import registry, storage, tracking
 from irg.cli import main as irg_main
+
+pytestmark = pytest.mark.integration  # `ray start --head`, SeaweedFS and submitted jobs
 
 PROMPTS = 12
 
@@ -34,12 +36,12 @@ def finished(output: str) -> dict[str, str]:
 def test_evaluation_job_resumes_after_a_stop_and_reports_to_mlflow(s3_server, tmp_path, ray_env, ray_head,
                                                                    monkeypatch, capsys):
     store_env = dict(s3_server.config.env())
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     for key, value in store_env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setenv("IRG_HOME", str(tmp_path / "home"))
-    registry.configure_tracking()
+    tracking.configure()
     mlflow.set_experiment(experiment_id=MlflowClient().create_experiment(
         "models", artifact_location=s3_server.config.uri("mlflow")))
     version = registry.log_model(str(FIXTURE_DIR), "irg-eval-test")
@@ -48,7 +50,7 @@ def test_evaluation_job_resumes_after_a_stop_and_reports_to_mlflow(s3_server, tm
     assert registry.checkpoint_uri(model).startswith("s3://")  # the actors read it from the store
 
     output = s3_server.config.uri("eval/e2e")
-    job_env = store_env | {"MLFLOW_TRACKING_URI": tracking, "IRG_HOME": str(tmp_path / "home")}
+    job_env = store_env | {"MLFLOW_TRACKING_URI": tracking_uri, "IRG_HOME": str(tmp_path / "home")}
     args = ["--model", model, "--benchmark", "shapes", "--limit", str(PROMPTS), "--size", "64", "--steps", "12",
             "--max-think-tokens", "24", "--batch-size", "1", "--name", "e2e"]
     started = submit(ray_head, ray_env, job_env, "eval-first", *args, wait=False)
@@ -76,7 +78,7 @@ def test_evaluation_job_resumes_after_a_stop_and_reports_to_mlflow(s3_server, tm
     assert set(report["rounds"]) == {"round1", "round2"}
     assert report["counts"] == {c: 2 for c in ("single_object", "two_object", "counting", "colors", "position",
                                                "color_attr")}
-    client = MlflowClient(tracking)
+    client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("irg-eval").experiment_id])
     assert [r.data.tags["irg.run_key"] for r in runs] == ["e2e"]  # the second job continued the first's run
     run = runs[0]

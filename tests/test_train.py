@@ -15,17 +15,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
-from conftest import FIXTURE_DIR
+from conftest import FIXTURE_DIR, REPO
 from mlflow import MlflowClient
 
 from irg import registry, storage
 from irg.data.format import FULL_MODES
 from irg.data.synth import write_synthetic
 from irg.pipeline import IRGPipeline
-from irg.train import load_config, run_irgl
-from irg.train.tracking import RUN_KEY_TAG
+from irg.tracking import RUN_KEY_TAG
+from irg.train import load_config
+from irg.train.trainer import run_irgl
+
+pytestmark = pytest.mark.integration  # a local Ray cluster, SeaweedFS, DeepSpeed workers and MLflow
 
 JOB = "irgl-test"
+TINY_CONFIG = str(REPO / "jobs" / "configs" / "tiny.yaml")
 STAGE1_STEPS, STAGE2_STEPS, KILL_AT = 30, 6, 15
 
 
@@ -53,9 +57,9 @@ def configs(stack, name=JOB):
     common = [f"data.root={stack['data']}", f"run.storage={stack['runs']}", f"model.checkpoint={FIXTURE_DIR}",
               f"run.name={name}", "tracking.registered_model=irg-test"]
     return {
-        1: load_config("jobs/configs/tiny.yaml", 1, common + [
+        1: load_config(TINY_CONFIG, 1, common + [
             f"run.max_steps={STAGE1_STEPS}", "run.checkpoint_every=10", f"run.fault_drill_step={KILL_AT}"]),
-        2: load_config("jobs/configs/tiny.yaml", 2, common + [
+        2: load_config(TINY_CONFIG, 2, common + [
             f"run.max_steps={STAGE2_STEPS}", "run.checkpoint_every=3", "deepspeed.zero_stage=3"]),
     }
 

@@ -18,6 +18,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
+class DataPlanError(ValueError):
+    """The data cannot be used as configured (a mandatory mode is missing, or strict mode found a problem)."""
+
+
+class EpochExhausted(DataPlanError):
+    """Every row of the epoch was already consumed (a run restored right at an epoch's end)."""
+
+
 @dataclass(frozen=True)
 class RowGroup:
     mode: str

@@ -18,7 +18,16 @@ import ray
 
 from irg import storage
 from irg.data.format import MODES, STAGE_WEIGHTS
-from irg.data.plan import DataPosition, WorkUnit, discover, epoch_quota, plan_epoch, rows_per_mode
+from irg.data.plan import (
+    DataPlanError,
+    DataPosition,
+    EpochExhausted,
+    WorkUnit,
+    discover,
+    epoch_quota,
+    plan_epoch,
+    rows_per_mode,
+)
 from irg.data.prepare import PREPARED_COLUMNS, Preparer
 from irg.data.sequence import PreprocessConfig
 
@@ -53,14 +62,6 @@ class StreamConfig:
         if stage not in STAGE_WEIGHTS:
             raise ValueError(f"stage must be one of {sorted(STAGE_WEIGHTS)}, got {stage}")
         return cls(root=root, checkpoint=checkpoint, weights=dict(STAGE_WEIGHTS[stage]), **overrides)
-
-
-class DataPlanError(ValueError):
-    """The data cannot be used as configured (a mandatory mode is missing, or strict mode found a problem)."""
-
-
-class EpochExhausted(DataPlanError):
-    """Every row of the epoch was already consumed (a run restored right at an epoch's end)."""
 
 
 class IRGLData:

@@ -103,14 +103,12 @@ def load_run_report(run: str, experiment: str = "irg-eval") -> Report:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from irg.registry import configure_tracking
-    from irg.train.tracking import RUN_KEY_TAG
+    from irg import tracking
 
-    configure_tracking()
-    client = MlflowClient()
+    client = MlflowClient(tracking.configure())
     found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run}'", max_results=1) if found else []
-    run_id = runs[0].info.run_id if runs else run
+    named = tracking.find_run(client, found.experiment_id, run) if found else None
+    run_id = named.info.run_id if named else run
     try:
         data = mlflow.artifacts.load_dict(f"runs:/{run_id}/report.json")
     except MlflowException as e:

@@ -166,15 +166,14 @@ class _Tracker:
     def __init__(self, cfg: EvalConfig):
         from mlflow import MlflowClient
 
-        from irg.registry import configure_tracking
-        from irg.train.config import TrackingSettings
-        from irg.train.tracking import RunLogger, experiment_id, find_or_create_run
+        from irg import tracking
 
-        uri = configure_tracking()
+        store = storage.configured_store()
+        uri = tracking.configure(store=store)
         client = MlflowClient(uri)
-        experiment = experiment_id(client, TrackingSettings(experiment=cfg.experiment), storage.configured_store())
+        experiment = tracking.experiment_id(client, tracking.TrackingConfig(experiment=cfg.experiment), store)
         tags = {"irg.eval.model": cfg.model, "irg.eval.benchmark": cfg.benchmark, "irg.eval.scorer": cfg.scorer.kind}
-        self.logger = RunLogger(uri, find_or_create_run(client, experiment, cfg.name, tags=tags))
+        self.logger = tracking.RunLogger(uri, tracking.find_or_create_run(client, experiment, cfg.name, tags=tags))
         self.run_id = self.logger.run_id
         params = {"model": cfg.model, "benchmark": cfg.benchmark, "limit": str(cfg.limit), "output": cfg.output,
                   "scorer": cfg.scorer.kind, **{f"generation.{k}": str(v) for k, v in asdict(cfg.generation).items()}}
@@ -183,7 +182,7 @@ class _Tracker:
 
     def log(self, report: Report, grid) -> None:
         self.logger.log_metrics(report.metrics(), step=0)
-        self.logger.client.log_dict(self.run_id, report.to_dict(), "report.json")
+        self.logger.log_dict(report.to_dict(), "report.json")
         self.logger.log_image(grid, "grid.png")
 
     def finish(self, status: str) -> None:

@@ -1,11 +1,16 @@
-"""IRGL training on Ray Train + DeepSpeed (see :mod:`irg.train.loop` for the worker side)."""
+"""IRGL training on Ray Train + DeepSpeed.
 
-from irg.data.stream import DataPlanError
+The driver builds the trainer in :mod:`irg.train.trainer`, every worker runs
+:func:`irg.train.loop.train_loop_per_worker`, and :mod:`irg.train.checkpointing` says what a run's
+checkpoints hold. Importing this package (the configuration, the checkpoint layout, export) imports
+no Ray; only ``trainer`` and ``loop`` do.
+"""
+
+from irg.data.plan import DataPlanError
 from irg.model.checkpoint import CheckpointError
 from irg.train.config import TrainConfig, load_config
-from irg.train.trainer import StageResult, build_trainer, run_irgl, run_stage
 
 # Problems with what the user gave (data, checkpoint, storage access), reported without a traceback.
 INPUT_ERRORS = (DataPlanError, CheckpointError, FileNotFoundError, PermissionError)
 
-__all__ = ["INPUT_ERRORS", "StageResult", "TrainConfig", "build_trainer", "load_config", "run_irgl", "run_stage"]
+__all__ = ["INPUT_ERRORS", "TrainConfig", "load_config"]

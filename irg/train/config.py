@@ -23,8 +23,9 @@ import torch
 import yaml
 
 from irg.data.format import STAGE_WEIGHTS
-from irg.device import resolve_dtype
 from irg.data.sequence import PreprocessConfig
+from irg.device import resolve_dtype
+from irg.tracking import TrackingConfig
 
 
 @dataclass
@@ -116,10 +117,9 @@ class RunSettings:
 
 
 @dataclass
-class TrackingSettings:
-    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite under $IRG_HOME/mlflow
-    experiment: str = "irgl"
-    artifact_location: str | None = None  # default: s3://<bucket>/mlflow on the store, when there is one
+class TrackingSettings(TrackingConfig):
+    """Where to track (:class:`irg.tracking.TrackingConfig`) plus what only training logs."""
+
     registered_model: str = "irg"
     sample_prompt: str = "a red cube on the left of a blue ball"
     sample_size: int = 512

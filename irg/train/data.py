@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 from irg import storage
 from irg.data.batching import DataStats, Packed, PackedBatches
-from irg.data.plan import DataPosition
+from irg.data.plan import DataPlanError, DataPosition, EpochExhausted
 from irg.data.sequence import SpecialTokens
-from irg.data.stream import DataPlanError, EpochExhausted, IRGLData, StreamConfig, iter_records
+from irg.data.stream import IRGLData, StreamConfig, iter_records
 from irg.train.config import TrainConfig
 
 

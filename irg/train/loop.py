@@ -7,11 +7,9 @@ run); after a lost worker Ray Train restarts the group and the loop resumes from
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import tempfile
-from dataclasses import dataclass
 from functools import reduce
 
 import ray.train
@@ -24,32 +22,13 @@ from irg.data.plan import DataPosition
 from irg.data.sequence import SpecialTokens
 from irg.model import load_pretrained
 from irg.pipeline import IRGPipeline
+from irg.tracking import RunLogger, tracking_uri
+from irg.train.checkpointing import FAULT_DRILL_MARKER, TrainState, read_checkpoint, run_path, write_checkpoint
 from irg.train.config import TrainConfig
 from irg.train.data import WorkerBatches, all_gather_objects
 from irg.train.ema import ShardedEMA
+from irg.train.figures import image_strip, log_loss_curve
 from irg.train.step import StepResult, peak_flops, train_step
-from irg.train.tracking import RunLogger, image_strip, tracking_uri
-
-ENGINE_TAG = "engine"
-STATE_FILE = "irg_state.json"
-EMA_DIR = "ema"
-FAULT_DRILL_MARKER = "fault_drill_done"
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    position: DataPosition = None
-    mlflow_run_id: str | None = None
-    resumes: int = 0
-
-    def to_dict(self) -> dict:
-        return {"step": self.step, "position": self.position.to_dict(), "mlflow_run_id": self.mlflow_run_id,
-                "resumes": self.resumes}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainState:
-        return cls(d["step"], DataPosition.from_dict(d["position"]), d.get("mlflow_run_id"), d.get("resumes", 0))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -65,7 +44,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine = deepspeed_engine(model, cfg)
     ema = ShardedEMA(engine.module, cfg.optim.ema_decay, rank, world)
 
-    state = restore(engine, ema, rank) or TrainState(0, DataPosition(), cfg.mlflow_run_id)
+    state = restore(engine, ema, rank) or TrainState(mlflow_run_id=cfg.mlflow_run_id)
     logger = RunLogger(tracking_uri(cfg.tracking), state.mlflow_run_id) if rank == 0 and state.mlflow_run_id else None
     if logger:
         logger.log_params(cfg.flat())
@@ -159,12 +138,7 @@ def step_metrics(window: list[StepResult], batches: WorkerBatches, world: int, p
 def save_checkpoint(engine, ema: ShardedEMA, state: TrainState, rank: int, metrics: dict) -> None:
     """Every rank writes its part into a local folder; Ray Train merges them into one checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=ENGINE_TAG)
-        os.makedirs(os.path.join(tmp, EMA_DIR), exist_ok=True)
-        torch.save(ema.state_dict(), os.path.join(tmp, EMA_DIR, f"rank{rank:05d}.pt"))
-        if rank == 0:
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump(state.to_dict(), f)
+        write_checkpoint(tmp, engine, ema, state, rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -179,12 +153,7 @@ def restore(engine, ema: ShardedEMA, rank: int) -> TrainState | None:
         return None
     with tempfile.TemporaryDirectory(prefix=f"irg-restore-rank{rank}-") as folder:
         checkpoint.to_directory(folder)
-        load_path, _ = engine.load_checkpoint(folder, tag=ENGINE_TAG)
-        if load_path is None:
-            raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state under {ENGINE_TAG!r}")
-        ema.load_state_dict(torch.load(os.path.join(folder, EMA_DIR, f"rank{rank:05d}.pt"), weights_only=False))
-        with open(os.path.join(folder, STATE_FILE)) as f:
-            state = TrainState.from_dict(json.load(f))
+        state = read_checkpoint(folder, engine, ema, rank)
     state.resumes += 1
     return state
 
@@ -198,7 +167,7 @@ def log_checkpoint_extras(cfg: TrainConfig, ema: ShardedEMA, batches: WorkerBatc
         return
     logger.log_metrics({"data_rows_read": stats.read, "data_rows_used": stats.used,
                         "data_rows_rejected": sum(stats.rejected.values())}, step)
-    logger.log_loss_curve()
+    log_loss_curve(logger)
     if weights is not None:
         logger.log_image(sample(weights, pretrained, cfg, ema.device), f"samples/step_{step:07d}.png")
 
@@ -224,16 +193,9 @@ def fault_drill(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
     """Kill the last worker once at ``run.fault_drill_step``: a real lost worker, to prove recovery."""
     if cfg.run.fault_drill_step is None or step != cfg.run.fault_drill_step or rank != world - 1:
         return
-    marker = storage.join(run_storage(cfg), cfg.run_name, FAULT_DRILL_MARKER)
+    marker = run_path(cfg, FAULT_DRILL_MARKER)
     if storage.exists(marker):
         return
     with storage.open_file(marker, "w") as f:
         f.write(f"killed rank {rank} at step {step}\n")
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def run_storage(cfg: TrainConfig) -> str:
-    """Where Ray Train keeps the runs: configured, else ``s3://<bucket>/runs`` on the configured store."""
-    if cfg.run.storage:
-        return cfg.run.storage
-    return storage.StoreConfig.load().uri("runs")

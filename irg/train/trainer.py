@@ -18,11 +18,12 @@ from ray.train.torch import TorchTrainer
 from irg import registry, storage
 from irg.data.stream import IRGLData
 from irg.model.checkpoint import read_config
+from irg.tracking import TRACKING_URI_ENV, configure, experiment_id, find_or_create_run
+from irg.train.checkpointing import MODEL_DIR, run_path, run_storage
 from irg.train.config import TrainConfig
 from irg.train.data import stream_config
 from irg.train.export import export_checkpoint
-from irg.train.loop import run_storage, train_loop_per_worker
-from irg.train.tracking import configure, experiment_id, find_or_create_run
+from irg.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def build_trainer(cfg: TrainConfig, store: storage.StoreConfig | None = None) ->
     """The stage's TorchTrainer: one DeepSpeed worker per GPU (or CPU slot), checkpoints on the store."""
     filesystem, path = storage.arrow_filesystem(run_storage(cfg), store)
     env = dict(store.env()) if store else {}
-    env["MLFLOW_TRACKING_URI"] = configure(cfg.tracking, store)
+    env[TRACKING_URI_ENV] = configure(cfg.tracking, store)
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU, over Ray's gloo process group
     return TorchTrainer(
@@ -80,7 +81,7 @@ def run_stage(cfg: TrainConfig, parent_run_id: str | None = None) -> StageResult
         checkpoint = result.checkpoint
         if checkpoint is None:
             raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint")
-        model_uri = storage.join(run_storage(cfg), cfg.run_name, "model")
+        model_uri = run_path(cfg, MODEL_DIR)
         export_checkpoint(checkpoint.filesystem, checkpoint.path, cfg.model.checkpoint, model_uri)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
