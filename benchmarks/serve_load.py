@@ -3,7 +3,8 @@
 Prints one JSON object to stdout (progress goes to stderr). Starts a local Ray and Serve on
 127.0.0.1 (a free port), deploys ``serve_apps.irg_app``'s ``Ingress`` in front of its ``Generator``
 with the tiny checkpoint on CPU, and with a faster autoscaling config than the app's default (so
-that a short run shows the generator scaling up and back down). ``--clients`` threads then loop
+that a short run shows the generator scaling up and back down) and the batching of
+``--max-batch-size`` / ``--batch-wait`` (the Generator's ``user_config``). ``--clients`` threads then loop
 ``POST /v1/images/generations`` for ``--seconds``, while the generator's RUNNING replicas are
 sampled every 0.5 s, during the load and for up to ``--cooldown`` seconds after it, until they are
 back at the minimum. Serve and Ray are shut down at the end, also on error or Ctrl-C.
@@ -28,6 +29,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from irg.serve.options import AppArgs, BatchOptions
 
 MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "bagel_tiny"
 APP = "irg-bench"
@@ -54,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--downscale-delay", type=float, default=5.0, help="autoscaling downscale_delay_s")
     parser.add_argument("--metrics-interval", type=float, default=0.5, help="autoscaling metrics_interval_s")
     parser.add_argument("--look-back", type=float, default=2.0, help="autoscaling look_back_period_s")
+    parser.add_argument("--max-batch-size", type=int, default=BatchOptions().max_batch_size,
+                        help="same-shape requests in one pipeline call (user_config max_batch_size)")
+    parser.add_argument("--batch-wait", type=float, default=BatchOptions().batch_wait_timeout_s,
+                        help="seconds the first request of a batch waits for company (batch_wait_timeout_s)")
     parser.add_argument("--size", default="64x64", help="image WIDTHxHEIGHT")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
@@ -63,13 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="server-side request timeout (504 beyond it); the client waits 30 s longer")
     parser.add_argument("--model", default=str(MODEL), help="checkpoint path (the tiny fixture by default)")
     args = parser.parse_args(argv)
-    for name in ("clients", "cpus", "max_replicas", "steps", "rounds", "n", "max_think_tokens"):
+    for name in ("clients", "cpus", "max_replicas", "max_batch_size", "steps", "rounds", "n", "max_think_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.min_replicas <= args.max_replicas:
         parser.error("need 0 <= --min-replicas <= --max-replicas")
-    if args.seconds <= 0 or args.cooldown < 0:
-        parser.error("--seconds must be > 0 and --cooldown >= 0")
+    if args.seconds <= 0 or args.cooldown < 0 or args.batch_wait < 0:
+        parser.error("--seconds must be > 0, --cooldown and --batch-wait >= 0")
     return args
 
 
@@ -224,20 +231,23 @@ def main(args: argparse.Namespace) -> dict:
     import ray
     from ray import serve
 
-    from serve_apps.irg_app import Generator, Ingress
+    from serve_apps.irg_app import Generator, bind_app
 
     autoscaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                    "target_ongoing_requests": args.target_ongoing, "upscale_delay_s": args.upscale_delay,
                    "downscale_delay_s": args.downscale_delay, "metrics_interval_s": args.metrics_interval,
                    "look_back_period_s": args.look_back}
+    batching = BatchOptions(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait)
     port = free_port()
     started = time.perf_counter()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         log(f"Serve on 127.0.0.1:{port}; deploying the app with {args.model} (autoscaling {autoscaling})")
-        generator = Generator.options(autoscaling_config=autoscaling).bind(args.model, "cpu")
-        serve.run(Ingress.bind(generator, args.request_timeout), name=APP, route_prefix="/")
+        app = bind_app(AppArgs(model=args.model, device="cpu", request_timeout_s=args.request_timeout),
+                       autoscaling_config=autoscaling, user_config=batching.model_dump(),
+                       max_ongoing_requests=max(Generator.max_ongoing_requests, batching.max_batch_size))
+        serve.run(app, name=APP, route_prefix="/")
         handle = serve.get_deployment_handle("Generator", app_name=APP)
         deploy_s = time.perf_counter() - started
         url = f"http://127.0.0.1:{port}/v1/images/generations"
@@ -284,7 +294,8 @@ def main(args: argparse.Namespace) -> dict:
         "settings": {"clients": args.clients, "seconds": args.seconds, "cooldown_s": args.cooldown,
                      "request": {"size": args.size, "n": args.n, "steps": args.steps, "rounds": args.rounds,
                                  "max_think_tokens": args.max_think_tokens},
-                     "autoscaling": autoscaling, "request_timeout_s": args.request_timeout, "model": args.model},
+                     "autoscaling": autoscaling, "batching": batching.model_dump(),
+                     "request_timeout_s": args.request_timeout, "model": args.model},
         "deploy_s": round(deploy_s, 2),
         "load_wall_s": round(load_wall, 2),
         "requests": {"sent": len(results), "completed": len(ok), "failed": len(failed), "rejected_503": len(rejected)},

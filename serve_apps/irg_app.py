@@ -1,16 +1,21 @@
 """The IRG generator on Ray Serve: a FastAPI ingress in front of an autoscaled generator deployment.
 
-    serve run serve_apps.irg_app:app model=models:/irg-tiny@champion
+    serve run serve_apps.irg_app:app model=models:/irg-tiny@champion device=cpu
     serve run serve_apps/config.yaml
 
 Endpoints: ``POST /v1/images/generations`` (JSON: think texts and base64 PNGs of every round),
 ``POST /v1/images/generations/stream`` (server-sent events as they happen: think, step, image,
-done), ``GET /healthz``, ``GET /v1/models``. Bodies are checked before any model work and a bad one
-gets a 4xx naming the field. Concurrent requests of the same shape (JSON ones together, streams
-together) are batched into one pipeline call (their denoising passes share each forward); a replica
-runs one pipeline call at a time, holds up to ``max_ongoing_requests``, Serve queues
-``max_queued_requests`` more and answers 503 beyond that. A client that disconnects stops its
+done), ``GET /healthz``, ``GET /v1/models``, ``GET /v1/limits`` (each body field's default and
+bounds). Bodies are checked before any model work and a bad one gets a 4xx naming the field. The
+builder's args are :class:`irg.serve.options.AppArgs` (Serve validates them before building).
+Concurrent requests of the same shape (JSON ones together, streams together) are batched into one
+pipeline call, by the policy of :mod:`irg.serve.batching`; the ``Generator``'s ``user_config``
+(:class:`irg.serve.options.BatchOptions`) sets how many and how long to wait, changeable without a
+restart. A replica runs one pipeline call at a time, holds up to ``max_ongoing_requests``, Serve
+queues ``max_queued_requests`` more and answers 503 beyond that. A client that disconnects stops its
 generation at the next step.
+
+This module is only the Ray and FastAPI wiring; what it wires lives in :mod:`irg.serve`.
 """
 
 import asyncio
@@ -22,16 +27,18 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
+from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from irg.pipeline import InvalidRequestError
-from irg.serve.api import GenerationBody, png_base64, response_body, sse
+from irg.serve.api import GenerationBody, body_limits, response_body, sse
+from irg.serve.batching import EventRouter, batch_key, group_by_batch_key, merge_requests, split_outputs
+from irg.serve.options import AppArgs, BatchOptions
 
 api = FastAPI(title="IRG", version="1")
 RETRY_AFTER_S = 5
-MAX_BATCH = 4  # requests in one pipeline call (a replica's max_ongoing_requests should allow as many)
-BATCH_WAIT_S = 0.1  # how long the first request of a batch waits for company
+BATCHING = BatchOptions()  # the Generator's default user_config
 _END = object()  # a stream's last item
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
@@ -55,26 +62,30 @@ class _StreamJob:
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=4,  # up to a full batch; generations themselves run one at a time
+    max_ongoing_requests=4,  # >= max_batch_size: up to a full batch; generations themselves run one at a time
     max_queued_requests=8,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                         "upscale_delay_s": 2, "downscale_delay_s": 30},
+    user_config=BATCHING.model_dump(),
 )
 class Generator:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto"):
-        import torch
-
-        from irg.pipeline import IRGPipeline, resolve_device
+        from irg.pipeline import IRGPipeline
         from irg.registry import checkpoint_path
 
         self.model_name = model
-        device = resolve_device(device)
-        torch_dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if dtype == "auto" \
-            else getattr(torch, dtype)
-        self.pipe = IRGPipeline.from_pretrained(checkpoint_path(model), device=device, dtype=torch_dtype)
+        self.pipe = IRGPipeline.from_pretrained(checkpoint_path(model), device=device, dtype=dtype)
         self.lock = threading.Lock()  # the pipeline runs one generation at a time
         self.counts = {"completed": 0, "cancelled": 0, "largest_batch": 0}
-        self.waiting_streams: dict[tuple, list] = {}
+        self.waiting_streams: dict = {}
+        self.batching = BATCHING  # until reconfigure
+
+    def reconfigure(self, user_config: dict | None) -> None:
+        """Serve calls this when a replica starts and whenever the deployment's ``user_config``
+        changes: batch size and wait apply to the JSON batches and the stream batches alike."""
+        self.batching = BatchOptions.model_validate(user_config or {})
+        self._generate_batched.set_max_batch_size(self.batching.max_batch_size)
+        self._generate_batched.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
 
     def info(self) -> dict:
         return {"id": self.model_name, "object": "model", "owned_by": "irg",
@@ -89,28 +100,22 @@ class Generator:
         outputs = await self._generate_batched(request)
         return response_body(self.model_name, outputs, int(time.time()))
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+    @serve.batch(max_batch_size=BATCHING.max_batch_size, batch_wait_timeout_s=BATCHING.batch_wait_timeout_s)
     async def _generate_batched(self, requests: list) -> list:
-        """Requests of the same shape (size, steps, rounds, think budget) run as one pipeline batch:
-        their denoising passes share each forward. Each prompt keeps its own seed, so its images do
-        not depend on what it was batched with."""
-        groups: dict = {}
-        for i, request in enumerate(requests):
-            groups.setdefault(_shape(request), []).append(i)
+        """Each group of requests that may share a batch (:func:`irg.serve.batching.batch_key`) runs
+        as one pipeline call; each request gets back its own outputs."""
         results: list = [None] * len(requests)
-        for members in groups.values():
-            merged = _merge([requests[i] for i in members])
-            outputs = await asyncio.to_thread(self._run, merged, None)
+        for members in group_by_batch_key(requests):
+            group = [requests[i] for i in members]
+            outputs = await asyncio.to_thread(self._run, merge_requests(group), None)
             self.counts["largest_batch"] = max(self.counts["largest_batch"], len(members))
-            start = 0
-            for i in members:
-                results[i] = outputs[start: start + requests[i].batch_size]
-                start += requests[i].batch_size
+            for i, own in zip(members, split_outputs(group, outputs)):
+                results[i] = own
         return results
 
     async def stream(self, body: dict):
         """Yields (event, data) pairs as the generation makes them. Streams of the same shape that
-        arrive within ``BATCH_WAIT_S`` share one pipeline batch; each gets only its own prompts'
+        arrive within ``batch_wait_timeout_s`` share one pipeline batch; each gets only its own prompts'
         events. If the consumer goes away, its events are dropped, and the generation stops at the
         next step once no stream of the batch is left."""
         job = _StreamJob(self._request(body), asyncio.Queue(), asyncio.get_running_loop())
@@ -127,21 +132,23 @@ class Generator:
             job.cancelled.set()
 
     def _enqueue_stream(self, job: "_StreamJob") -> None:
-        shape = _shape(job.request)
-        waiting = self.waiting_streams.setdefault(shape, [])
+        key = batch_key(job.request)
+        waiting = self.waiting_streams.setdefault(key, [])
         waiting.append(job)
         if len(waiting) == 1:  # the first of its shape: the batch leaves after a short wait
-            asyncio.get_running_loop().call_later(BATCH_WAIT_S, self._launch_streams, shape)
+            asyncio.get_running_loop().call_later(self.batching.batch_wait_timeout_s, self._launch_streams, key)
 
-    def _launch_streams(self, shape) -> None:
-        waiting = self.waiting_streams.pop(shape, [])
-        for i in range(0, len(waiting), MAX_BATCH):
-            jobs = [job for job in waiting[i: i + MAX_BATCH] if not job.cancelled.is_set()]
+    def _launch_streams(self, key) -> None:
+        waiting = self.waiting_streams.pop(key, [])
+        size = self.batching.max_batch_size
+        for i in range(0, len(waiting), size):
+            jobs = [job for job in waiting[i: i + size] if not job.cancelled.is_set()]
             if jobs:
                 asyncio.ensure_future(self._run_streams(jobs))
 
     async def _run_streams(self, jobs: list["_StreamJob"]) -> None:
-        owners = [(job, local) for job in jobs for local in range(job.request.batch_size)]
+        requests = [job.request for job in jobs]
+        router = EventRouter(jobs, requests)
 
         def deliver(job, item):
             job.loop.call_soon_threadsafe(job.events.put_nowait, item)
@@ -149,20 +156,12 @@ class Generator:
         def callback(event):
             if all(job.cancelled.is_set() for job in jobs):
                 raise GenerationCancelled()
-            converted = _event(event)
-            if converted is None:
-                return
-            name, data = converted
-            if event.prompt_index < 0:  # about the whole batch (steps, done): every stream gets it
-                for job in jobs:
-                    deliver(job, (name, data))
-                return
-            job, local = owners[event.prompt_index]
-            deliver(job, (name, {**data, "index": local}))
+            for job, item in router.route(event):
+                deliver(job, item)
 
         self.counts["largest_batch"] = max(self.counts["largest_batch"], len(jobs))
         try:
-            await asyncio.to_thread(self._run, _merge([job.request for job in jobs]), callback)
+            await asyncio.to_thread(self._run, merge_requests(requests), callback)
         except Exception as e:  # every stream of the batch hears about it
             for job in jobs:
                 deliver(job, e)
@@ -176,7 +175,8 @@ class Generator:
             raise ValueError(str(e)) from None
 
     def stats(self) -> dict:
-        return dict(self.counts)
+        """Pipeline calls completed and cancelled, the largest batch so far, and the batching in force."""
+        return {**self.counts, **self.batching.model_dump()}
 
     def _run(self, request, callback):
         with self.lock:
@@ -187,37 +187,6 @@ class Generator:
                 return None
             self.counts["completed"] += 1
             return outputs
-
-
-def _shape(request) -> tuple:
-    """What must agree for requests to share a pipeline batch (given noise makes a request its own)."""
-    if any(n is not None for n in [*request.init_noise, *request.vae_encode_noise]):
-        return ("own", id(request))
-    return (request.height, request.width, request.num_steps, request.rounds, repr(request.round_settings),
-            request.vae_transform, request.vit_transform, request.think_temperature, request.max_think_tokens,
-            request.system_prompt)
-
-
-def _merge(requests: list):
-    if len(requests) == 1:
-        return requests[0]
-    return dataclasses.replace(
-        requests[0], single=False,
-        prompts=[p for r in requests for p in r.prompts], seeds=[s for r in requests for s in r.seeds],
-        think_texts=[t for r in requests for t in r.think_texts], images=[i for r in requests for i in r.images])
-
-
-def _event(event) -> "tuple[str, dict] | None":
-    if event.kind == "think_done":
-        return "think", {"index": event.prompt_index, "round": event.round + 1, "text": event.text}
-    if event.kind == "step":
-        return "step", {"index": event.prompt_index, "round": event.round + 1, "step": event.step,
-                        "num_steps": event.num_steps}
-    if event.kind == "image":
-        return "image", {"index": event.prompt_index, "round": event.round + 1, "b64_png": png_base64(event.image)}
-    if event.kind == "done":
-        return "done", {}
-    return None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)
@@ -235,6 +204,11 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
+
+    @api.get("/v1/limits")
+    async def limits(self) -> dict:
+        """Each body field's default and bounds (the playground's form takes its own from here)."""
+        return body_limits()
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -281,12 +255,18 @@ class Ingress:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def build_app(args: dict):
-    """``serve run serve_apps.irg_app:app model=...``: the application for a model path, URI or registry alias."""
-    if "model" not in args:
-        raise ValueError("give the model: serve run serve_apps.irg_app:app model=models:/NAME@champion (or a path)")
-    generator = Generator.bind(args["model"], args.get("device", "auto"), args.get("dtype", "auto"))
-    return Ingress.bind(generator, float(args.get("request_timeout_s", 600)))
+def build_app(args: AppArgs) -> Application:
+    """``serve run serve_apps.irg_app:app model=...``: the application for a model path, URI or registry
+    alias. Serve validates the args against :class:`AppArgs` first (the annotation must stay a class,
+    not a string), so an unknown or bad one is refused by name before anything starts."""
+    return bind_app(args)
+
+
+def bind_app(args: AppArgs, **generator_options) -> Application:
+    """The application for ``args`` with Serve deployment options (``autoscaling_config``,
+    ``user_config``, ...) overriding the Generator's: for benchmarks and tests that deploy from Python."""
+    generator = Generator.options(**generator_options) if generator_options else Generator
+    return Ingress.bind(generator.bind(args.model, args.device, args.dtype), args.request_timeout_s)
 
 
 app = build_app

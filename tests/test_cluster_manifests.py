@@ -22,8 +22,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from conftest import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 MANIFEST_DIRS = (ROOT / "cluster", ROOT / "infra")
 RAYJOB = ROOT / "cluster/kuberay/irgl-rayjob.yaml"
 EVAL_RAYJOB = ROOT / "cluster/kuberay/eval-rayjob.yaml"
@@ -36,10 +37,6 @@ RAYSERVICE = ROOT / "cluster/kuberay/irg-rayservice.yaml"
 SERVE_CONFIG = ROOT / "serve_apps/config.yaml"  # `serve run`, one machine, CPU
 SERVE_CONFIG_GPU = ROOT / "serve_apps/config.gpu.yaml"  # `serve deploy` / the RayService, GPUs
 GPU = "nvidia.com/gpu"
-
-# Values the application builder (serve_apps/irg_app.py) accepts for its args.
-SERVE_DEVICES = {"auto", "cpu", "cuda"}
-SERVE_DTYPES = {"auto", "bfloat16", "float32"}
 
 # GPUs of the EC2 instance types a GPU node type may use (the autoscaler's {"GPU": n} must match).
 GPUS_PER_INSTANCE = {
@@ -749,6 +746,10 @@ def test_serve_configs_are_valid_for_ray():
 
 
 def test_serve_configs_name_the_app_builder_and_its_deployments():
+    from pydantic import ValidationError
+
+    from irg.serve.options import AppArgs, BatchOptions
+
     for where, config in _serve_configs().items():
         for app in config["applications"]:
             module, attr = _import_module_and_attr(app["import_path"])
@@ -765,19 +766,29 @@ def test_serve_configs_name_the_app_builder_and_its_deployments():
                     f"{where}: deployment {d['name']} is not a @serve.deployment class of {path.relative_to(ROOT)}"
                     f" ({sorted(classes)}); Ray rejects options for a deployment the application lacks"
                 )
-            # The builder reads its args as args["key"] / args.get("key"); anything else is ignored.
-            read = set(re.findall(r"\bargs(?:\.get\(|\[)\s*[\"'](\w+)[\"']", source))
-            args = app.get("args") or {}
-            assert "model" in args, f"{where}: no model in args"
-            assert set(args) <= read, \
-                f"{where}: args {sorted(set(args) - read)} not read by the builder ({sorted(read)})"
-            assert args.get("device", "auto") in SERVE_DEVICES, f"{where}: device {args['device']!r}"
-            assert args.get("dtype", "auto") in SERVE_DTYPES, f"{where}: dtype {args['dtype']!r}"
+            # Serve validates the args against the builder's pydantic annotation (AppArgs) before it
+            # builds anything, and Generator.reconfigure its user_config against BatchOptions.
+            assert re.search(r"^def \w+\(args: AppArgs\) -> Application:", source, re.MULTILINE), \
+                f"{where}: {path.relative_to(ROOT)} has no builder typed with AppArgs"
+            try:
+                args = AppArgs.model_validate(app.get("args") or {})
+            except ValidationError as e:
+                pytest.fail(f"{where}: args: {e}")
+            generator = _deployment(app, "Generator")
+            assert "user_config" in generator, f"{where}: the Generator has no user_config (its batching)"
+            try:
+                batching = BatchOptions.model_validate(generator["user_config"])
+            except ValidationError as e:
+                pytest.fail(f"{where}: Generator user_config: {e}")
+            # A replica that accepts fewer requests than a batch holds never fills one.
+            max_ongoing = generator.get("max_ongoing_requests")
+            assert max_ongoing is None or max_ongoing >= batching.max_batch_size, \
+                f"{where}: Generator max_ongoing_requests {max_ongoing} < max_batch_size {batching.max_batch_size}"
             # A replica on "cuda" needs a GPU reserved for it; one on "cpu" must not hold one.
-            gpus = (_deployment(app, "Generator").get("ray_actor_options") or {}).get("num_gpus", 0)
-            if args.get("device") == "cuda":
-                assert gpus >= 1, f"{where}: device cuda but the Generator reserves no GPU"
-            if args.get("device") == "cpu":
+            gpus = (generator.get("ray_actor_options") or {}).get("num_gpus", 0)
+            if args.device.startswith("cuda"):
+                assert gpus >= 1, f"{where}: device {args.device} but the Generator reserves no GPU"
+            if args.device == "cpu":
                 assert gpus == 0, \
                     f"{where}: device cpu but the Generator reserves {gpus} GPU (never starts without one)"
 

@@ -1,16 +1,23 @@
-"""The IRG generator on a real local Ray Serve with the tiny model: streaming, and bad requests."""
+"""The IRG generator on a real local Ray Serve with the tiny model: streaming, bad requests, batching,
+and the application builder's args."""
 
 import base64
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import torch
 from conftest import FIXTURE_DIR
 from PIL import Image
+from pydantic import ValidationError
 from ray import serve
 
 from irg.serve.api import parse_sse
+from irg.serve.options import AppArgs
+
+pytestmark = pytest.mark.integration
 
 SMALL = {"size": "64x64", "steps": 4, "rounds": 2, "max_think_tokens": 8, "seed": 7}
 
@@ -93,8 +100,6 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
 
 
 def test_concurrent_requests_of_one_shape_share_a_batch_and_keep_their_own_images(server):
-    from concurrent.futures import ThreadPoolExecutor
-
     import numpy as np
 
     generator = serve.get_deployment_handle("Generator", app_name="irg")
@@ -117,13 +122,11 @@ def test_concurrent_requests_of_one_shape_share_a_batch_and_keep_their_own_image
 
 def test_a_full_queue_answers_503_and_a_slow_request_times_out(server):
     """A one-slot app beside the main one: one running, one queued, the rest turned away at once."""
-    from concurrent.futures import ThreadPoolExecutor
+    from serve_apps.irg_app import bind_app
 
-    from serve_apps.irg_app import Generator, Ingress
-
-    generator = Generator.options(name="OneSlotGenerator", max_ongoing_requests=1, max_queued_requests=1,
-                                  autoscaling_config=None, num_replicas=1).bind(str(FIXTURE_DIR), "cpu")
-    serve.run(Ingress.options(name="OneSlotIngress").bind(generator, 0.5), name="one-slot", route_prefix="/one-slot")
+    one_slot = bind_app(AppArgs(model=str(FIXTURE_DIR), device="cpu", request_timeout_s=0.5), max_ongoing_requests=1,
+                        max_queued_requests=1, autoscaling_config=None, num_replicas=1)
+    serve.run(one_slot, name="one-slot", route_prefix="/one-slot")
     slow = {"prompt": "slow", "size": "256x256", "steps": 100, "rounds": 2, "max_think_tokens": 8}
     with ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(lambda _: requests.post(f"{server}/one-slot/v1/images/generations", json=slow,
@@ -137,8 +140,6 @@ def test_a_full_queue_answers_503_and_a_slow_request_times_out(server):
 
 
 def test_concurrent_streams_of_one_shape_share_a_batch_and_get_only_their_own_events(server):
-    from concurrent.futures import ThreadPoolExecutor
-
     generator = serve.get_deployment_handle("Generator", app_name="irg")
     bodies = [{"prompt": p, **SMALL, "seed": s} for p, s in (("a green cone", 11), ("three cubes", 12))]
 
@@ -156,3 +157,61 @@ def test_concurrent_streams_of_one_shape_share_a_batch_and_get_only_their_own_ev
         assert [name for name, _ in shared] == [name for name, _ in alone]  # own events only, in order
         assert all(d["index"] == 0 for n, d in shared if n in ("think", "image"))  # renumbered per stream
         assert [d["text"] for n, d in shared if n == "think"] == [d["text"] for n, d in alone if n == "think"]
+
+
+def test_serve_validates_the_builder_args_by_name_and_dtype_bf16_builds():
+    # What `serve run serve_apps.irg_app:app key=value ...` and a config's `args` go through.
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as build
+
+    from serve_apps.irg_app import app
+
+    with pytest.raises(ValidationError, match=r"(?m)^colour\n.*Extra inputs are not permitted"):
+        build(app, {"model": str(FIXTURE_DIR), "colour": "red"})
+    with pytest.raises(ValidationError, match=r"(?m)^dtype\n.*unknown dtype 'bf17'"):
+        build(app, {"model": str(FIXTURE_DIR), "dtype": "bf17"})
+    assert type(build(app, {"model": str(FIXTURE_DIR), "dtype": "bf16"})).__name__ == "Application"
+
+
+def test_a_generator_loads_in_bf16_and_reconfigure_sets_its_batching():
+    from serve_apps.irg_app import BATCHING, Generator
+
+    generator = Generator.func_or_class(str(FIXTURE_DIR), "cpu", "bf16")  # the replica's class, here in-process
+    assert generator.pipe.dtype == torch.bfloat16
+    try:
+        generator.reconfigure({"max_batch_size": 2, "batch_wait_timeout_s": 0.5})
+        assert generator.stats() == {"completed": 0, "cancelled": 0, "largest_batch": 0, "max_batch_size": 2,
+                                     "batch_wait_timeout_s": 0.5}
+        assert generator._generate_batched._get_max_batch_size() == 2
+        assert generator._generate_batched._get_batch_wait_timeout_s() == 0.5
+        with pytest.raises(ValidationError, match=r"(?m)^max_batch\n"):
+            generator.reconfigure({"max_batch": 2})
+    finally:
+        generator.reconfigure(BATCHING.model_dump())
+
+
+def test_a_user_config_of_max_batch_size_1_runs_same_shape_requests_one_by_one(server):
+    """The user_config reaches the replicas: with batches of one, neither JSON requests nor streams share."""
+    from serve_apps.irg_app import bind_app
+
+    one = {"max_batch_size": 1, "batch_wait_timeout_s": 0.3}
+    serve.run(bind_app(AppArgs(model=str(FIXTURE_DIR), device="cpu"), user_config=one, num_replicas=1,
+                       autoscaling_config=None, ray_actor_options={"num_cpus": 0}),
+              name="one-by-one", route_prefix="/one-by-one")
+    generator = serve.get_deployment_handle("Generator", app_name="one-by-one")
+    assert generator.stats.remote().result().items() >= one.items()
+    bodies = [{"prompt": p, **SMALL, "seed": s} for p, s in (("a red cube", 1), ("two balls", 2), ("a cone", 3))]
+
+    def post(body):
+        return requests.post(f"{server}/one-by-one/v1/images/generations", json=body, timeout=120).status_code
+
+    def stream(body):
+        with requests.post(f"{server}/one-by-one/v1/images/generations/stream", json=body, stream=True,
+                           timeout=120) as r:
+            return [name for name, _ in read_events(r)][-1]
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        assert list(pool.map(post, bodies)) == [200] * 3
+        assert list(pool.map(stream, bodies)) == ["done"] * 3
+    stats = generator.stats.remote().result()
+    assert (stats["completed"], stats["largest_batch"]) == (6, 1), stats
+    serve.delete("one-by-one")

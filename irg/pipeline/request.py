@@ -39,6 +39,7 @@ class GenerationDefaults:
 class GenerationLimits:
     """The largest request any front end accepts (a server may add budgets of its own on top)."""
 
+    min_num_steps: int = 2  # timesteps from noise to image: at least one model evaluation
     max_num_steps: int = 1000
     max_rounds: int = 16
     max_think_tokens: int = 8192
@@ -125,7 +126,7 @@ def validate_request(
             raise InvalidRequestError(f"{name}: must be a positive multiple of {unit}, got {value!r}")
         if value > max_side:
             raise InvalidRequestError(f"{name}: {value} exceeds the model's latent grid ({max_side} px per side)")
-    _check_range("num_steps", num_steps, 2, LIMITS.max_num_steps)
+    _check_range("num_steps", num_steps, LIMITS.min_num_steps, LIMITS.max_num_steps)
     _check_range("rounds", rounds, 1, LIMITS.max_rounds)
     _check_transform("vae_transform", vae_transform, unit, max_side)
     _check_transform("vit_transform", vit_transform, config.vit.patch_size, config.vit_transform[0])

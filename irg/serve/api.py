@@ -3,7 +3,9 @@
 No Ray here: the Serve application (``serve_apps/irg_app.py``) wires these to deployments. A body is
 checked twice before any model work: its fields by pydantic (types, ranges, unknown fields), then
 the whole request against the model configuration by :func:`irg.pipeline.validate_request`; both
-errors name the field.
+errors name the field. What a client leaves out is None here and gets the pipeline's default
+(:data:`irg.pipeline.DEFAULTS`); the bounds are the pipeline's (:data:`irg.pipeline.LIMITS`) except
+for the serving budgets that have no pipeline counterpart (images per request, prompt length).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import json
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from irg.model import BagelConfig
-from irg.pipeline import GenerationRequest, validate_request
+from irg.pipeline import DEFAULTS, LIMITS, GenerationRequest, PipelineEvent, validate_request
 
+# Serving budgets (no pipeline counterpart): what one HTTP request may ask for.
 MAX_PROMPT_CHARS = 4000
+MAX_IMAGES_PER_REQUEST = 4
 
 
 class GenerationBody(BaseModel):
@@ -26,33 +30,57 @@ class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    n: int = Field(1, ge=1, le=4)
-    size: str = "1024x1024"  # WIDTHxHEIGHT, multiples of 16
-    steps: int = Field(50, ge=2, le=200)
-    rounds: int = Field(2, ge=1, le=4)
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    size: str | None = None  # WIDTHxHEIGHT, multiples of 16
+    steps: int | None = Field(None, ge=LIMITS.min_num_steps, le=LIMITS.max_num_steps)
+    rounds: int | None = Field(None, ge=1, le=LIMITS.max_rounds)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    max_think_tokens: int = Field(256, ge=1, le=1000)
+    max_think_tokens: int | None = Field(None, ge=1, le=LIMITS.max_think_tokens)
 
     @field_validator("size")
     @classmethod
-    def _size(cls, value: str) -> str:
+    def _size(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         parts = value.lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
             raise ValueError("must be WIDTHxHEIGHT, e.g. 1024x1024")
         return value.lower()
 
     @property
-    def width_height(self) -> tuple[int, int]:
+    def width_height(self) -> tuple[int | None, int | None]:
+        if self.size is None:
+            return None, None
         width, height = (int(p) for p in self.size.split("x"))
         return width, height
 
     def to_request(self, config: BagelConfig, default_seed: int) -> GenerationRequest:
-        """The pipeline request (raises InvalidRequestError naming the field)."""
+        """The pipeline request (raises InvalidRequestError naming the field); what the body leaves
+        out is None and takes the pipeline's default."""
         width, height = self.width_height
         seed = self.seed if self.seed is not None else default_seed
         return validate_request(config, [self.prompt] * self.n, height=height, width=width, num_steps=self.steps,
                                 rounds=self.rounds, seed=[seed + i for i in range(self.n)],
                                 max_think_tokens=self.max_think_tokens)
+
+
+# The pipeline's default for each field a client may leave out (None in the body).
+_PIPELINE_DEFAULTS = {"size": f"{DEFAULTS.width}x{DEFAULTS.height}", "steps": DEFAULTS.num_steps,
+                      "rounds": DEFAULTS.rounds, "max_think_tokens": DEFAULTS.max_think_tokens}
+_BOUNDS = {"ge": "minimum", "le": "maximum", "min_length": "min_length", "max_length": "max_length"}
+
+
+def body_limits() -> dict[str, dict]:
+    """Each body field's default and bounds, read off :class:`GenerationBody` (``GET /v1/limits``), so
+    that a form (the playground) offers what the server accepts and cannot drift from it."""
+    fields = {}
+    for name, field in GenerationBody.model_fields.items():
+        entry = {key: getattr(m, attr) for m in field.metadata for attr, key in _BOUNDS.items() if hasattr(m, attr)}
+        default = _PIPELINE_DEFAULTS.get(name) if field.default is None else field.default
+        if not field.is_required() and default is not None:
+            entry["default"] = default
+        fields[name] = entry
+    return fields
 
 
 def png_base64(image) -> str:
@@ -71,6 +99,22 @@ def response_body(model: str, outputs, created: int) -> dict:
                              for r, (text, image) in enumerate(zip(o.texts, o.images))]}
                  for o in outputs],
     }
+
+
+def event_payload(event: PipelineEvent) -> tuple[str, dict] | None:
+    """The server-sent event (name, data) for a pipeline event: a round's think text, a denoising
+    step, a round's image, the end; None for those not streamed (think tokens). Rounds count from 1
+    as in the JSON response; ``index`` is the prompt's position in the pipeline batch (-1: all)."""
+    if event.kind == "think_done":
+        return "think", {"index": event.prompt_index, "round": event.round + 1, "text": event.text}
+    if event.kind == "step":
+        return "step", {"index": event.prompt_index, "round": event.round + 1, "step": event.step,
+                        "num_steps": event.num_steps}
+    if event.kind == "image":
+        return "image", {"index": event.prompt_index, "round": event.round + 1, "b64_png": png_base64(event.image)}
+    if event.kind == "done":
+        return "done", {}
+    return None
 
 
 def sse(event: str, data: dict) -> str:

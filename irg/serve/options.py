@@ -1,0 +1,58 @@
+"""The options of the Serve application, as pydantic models so that a mistake fails where it is made.
+
+:class:`AppArgs` is what ``serve run serve_apps.irg_app:app key=value ...`` or a Serve config's
+``args`` give the application builder: Serve validates them against it before building anything, so
+an unknown argument or a device or dtype name that :mod:`irg.device` does not know is refused with
+the field's name instead of failing later in a replica. Whether a CUDA device is really there is
+still only known where a replica starts. :class:`BatchOptions` is the ``Generator`` deployment's
+``user_config``: Serve applies a change of it to running replicas (``reconfigure``), no restart.
+No Ray here.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from irg.device import AUTO, DEVICE_HELP, dtype_name
+
+_DEVICE_NAME = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+
+
+class AppArgs(BaseModel):
+    """The application builder's arguments: which model, on what, and how long a request may take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)  # a checkpoint folder, an s3:// URI or models:/NAME@ALIAS
+    device: str = AUTO
+    dtype: str = AUTO
+    request_timeout_s: float = Field(600.0, gt=0)  # beyond it a request gets a 504
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE_NAME.fullmatch(value):
+            raise ValueError(f"unknown device {value!r}; use {DEVICE_HELP}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        dtype_name(value)  # any spelling irg.device accepts (bf16, bfloat16, ...); raises naming dtype
+        return value
+
+
+class BatchOptions(BaseModel):
+    """How a ``Generator`` replica batches concurrent requests of one shape into a pipeline call.
+
+    ``max_batch_size`` requests at most go into one call (a replica's ``max_ongoing_requests`` should
+    allow as many, or batches never fill); the first request of a batch waits up to
+    ``batch_wait_timeout_s`` for company, trading that much latency for throughput.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(4, ge=1)
+    batch_wait_timeout_s: float = Field(0.1, ge=0)
