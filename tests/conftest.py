@@ -9,10 +9,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+if TYPE_CHECKING:
+    from irg.model import PackedBatch
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "bagel_tiny"
@@ -32,9 +36,51 @@ def load_case() -> dict:
         return json.load(f)
 
 
+def golden_batch(tensors: dict[str, torch.Tensor], meta: dict) -> PackedBatch:
+    """The reference's packed training batch of ``load_golden("train_forward")`` as a ``PackedBatch``."""
+    from irg.model import PackedBatch
+
+    b = {k.removeprefix("batch_"): v for k, v in tensors.items() if k.startswith("batch_")}
+    return PackedBatch(
+        sequence_length=meta["sequence_length"],
+        sample_lens=meta["sample_lens"],
+        packed_position_ids=b["packed_position_ids"],
+        attention_masks=[b["nested_attention_mask_0"], b["nested_attention_mask_1"]],
+        packed_text_ids=b["packed_text_ids"],
+        packed_text_indexes=b["packed_text_indexes"],
+        padded_images=b["padded_images"],
+        patchified_vae_latent_shapes=[tuple(s) for s in meta["patchified_vae_latent_shapes"]],
+        packed_latent_position_ids=b["packed_latent_position_ids"],
+        packed_vae_token_indexes=b["packed_vae_token_indexes"],
+        packed_timesteps=b["packed_timesteps"],
+        mse_loss_indexes=b["mse_loss_indexes"],
+        packed_vit_tokens=b["packed_vit_tokens"],
+        packed_vit_position_ids=b["packed_vit_position_ids"],
+        packed_vit_token_indexes=b["packed_vit_token_indexes"],
+        vit_token_seqlens=b["vit_token_seqlens"],
+        ce_loss_indexes=b["ce_loss_indexes"],
+        packed_label_ids=b["packed_label_ids"],
+        ce_loss_weights=b["ce_loss_weights"],
+    )
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     return FIXTURE_DIR
+
+
+# --- markers: `pytest -m "not integration"` runs the unit tests alone -------------------------------
+
+# Fixtures that start a service: a test using any of them (directly or through another fixture) is an
+# integration test even if its module forgot to say so.
+SERVICE_FIXTURES = frozenset({"s3_server", "s3_env", "serve_url", "ray_head"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)
@@ -93,12 +139,13 @@ def serve_url():
     import ray
     from ray import serve
 
+    from irg.serve.options import AppArgs
     from serve_apps.irg_app import build_app
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": str(FIXTURE_DIR), "device": "cpu"}), name="irg", route_prefix="/")
+    serve.run(build_app(AppArgs(model=str(FIXTURE_DIR), device="cpu")), name="irg", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()

@@ -7,9 +7,8 @@ bf16 cannot meet the float32 tolerances of the fixture README, so these compare 
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE_DIR, load_case, load_golden
+from conftest import FIXTURE_DIR, golden_batch, load_case, load_golden
 from PIL import Image
-from test_training_forward import golden_batch
 
 from irg.model import load_pretrained
 from irg.pipeline import IRGPipeline
@@ -42,6 +41,7 @@ def test_turn1_and_turn2_in_bf16(device):
     steps = []
     out1 = pipe(CASE["user_prompt"], height=64, width=64, num_steps=8, rounds=1, think_texts=[CASE["think1"]],
                 init_noise=[g1["init_noise"]], callback=lambda e: e.kind == "step" and steps.append(e.detail), **small)
+    assert len(steps) == len(g1["step_v_cond"])  # else the loop below checks nothing
     for i, s in enumerate(steps):
         assert rel_error(s.v_cond[0], g1["step_v_cond"][i]) < VELOCITY_REL
     assert rel_error(out1.latents[0], g1["final_latent_packed"]) < LATENT_REL
@@ -52,6 +52,7 @@ def test_turn1_and_turn2_in_bf16(device):
                 think_texts=[CASE["think1"], CASE["think2"]], init_noise=[None, g2["init_noise"]],
                 vae_encode_noise=[g2["vae_encode_noise"]],
                 callback=lambda e: e.kind == "step" and steps.append(e.detail), **small)
+    assert len(steps) == len(g2["step_v_cond"])
     for i, s in enumerate(steps):
         assert rel_error(s.v_cond[0], g2["step_v_cond"][i]) < VELOCITY_REL
         assert rel_error(s.v_img[0], g2["step_v_cfg_img"][i]) < VELOCITY_REL

@@ -71,31 +71,41 @@ def test_missing_file_is_named(checkpoint_copy):
         load_pretrained(checkpoint_copy)
 
 
-def rewrite_ema(path, edit):
+def rewrite(path, name, edit):
     from safetensors.torch import load
 
-    tensors = load((path / "ema.safetensors").read_bytes())  # not mmapped: the file is rewritten below
+    tensors = load((path / name).read_bytes())  # not mmapped: the file is rewritten below
     edit(tensors)
-    with open(path / "ema.safetensors", "wb") as f:
+    with open(path / name, "wb") as f:
         write_safetensors(f, tensors)
 
 
-def test_missing_key_is_named(checkpoint_copy):
-    rewrite_ema(checkpoint_copy, lambda t: t.pop("llm2vae.bias"))
-    with pytest.raises(CheckpointError, match=r"missing keys: llm2vae\.bias"):
+def drop(key):
+    return lambda t: t.pop(key)
+
+
+def put(key, tensor):
+    return lambda t: t.__setitem__(key, tensor)
+
+
+@pytest.mark.parametrize("name, edit, problem", [
+    ("ema.safetensors", drop("llm2vae.bias"), "missing keys: llm2vae.bias"),
+    ("ema.safetensors", put("extra_head.weight", torch.zeros(2)), "unexpected keys: extra_head.weight"),
+    ("ema.safetensors", put("vae2llm.bias", torch.zeros(65)), "shape mismatches: vae2llm.bias: checkpoint (65,) vs "
+                                                               "model (64,)"),
+    ("ae.safetensors", drop("decoder.conv_out.bias"), "missing keys: decoder.conv_out.bias"),
+    ("ae.safetensors", put("decoder.extra.bias", torch.zeros(3)), "unexpected keys: decoder.extra.bias"),
+    ("ae.safetensors", put("encoder.conv_in.weight", torch.zeros(32, 4, 3, 3)),
+     "shape mismatches: encoder.conv_in.weight: checkpoint (32, 4, 3, 3) vs model (32, 3, 3, 3)"),
+], ids=["ema-missing", "ema-unexpected", "ema-shape", "ae-missing", "ae-unexpected", "ae-shape"])
+def test_loading_is_strict_and_names_the_one_bad_key(checkpoint_copy, name, edit, problem):
+    """One key too few, one too many or one of the wrong shape fails the load, and the error names that key
+    (and only that problem): nothing is silently skipped, left random or broadcast."""
+    rewrite(checkpoint_copy, name, edit)
+    uri = str(checkpoint_copy / name)
+    with pytest.raises(CheckpointError) as info:
         load_pretrained(checkpoint_copy)
-
-
-def test_unexpected_key_is_named(checkpoint_copy):
-    rewrite_ema(checkpoint_copy, lambda t: t.__setitem__("extra_head.weight", torch.zeros(2)))
-    with pytest.raises(CheckpointError, match=r"unexpected keys: extra_head\.weight"):
-        load_pretrained(checkpoint_copy)
-
-
-def test_shape_mismatch_is_named(checkpoint_copy):
-    rewrite_ema(checkpoint_copy, lambda t: t.__setitem__("vae2llm.bias", torch.zeros(65)))
-    with pytest.raises(CheckpointError, match=r"vae2llm\.bias: checkpoint \(65,\) vs model \(64,\)"):
-        load_pretrained(checkpoint_copy)
+    assert str(info.value) == f"{uri} does not match the model: {problem}"
 
 
 def test_missing_tokenizer_is_named(checkpoint_copy):

@@ -56,6 +56,7 @@ def test_missing_checkpoint_is_named(tmp_path):
     assert "llm_config.json" in result.stderr
 
 
+@pytest.mark.integration
 def test_store_and_data_commands_end_to_end(tmp_path):
     """irg store up -> data synth -> data import -> data stats -> store down, as a user would."""
     import os

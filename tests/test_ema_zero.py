@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.integration  # DeepSpeed on two spawned gloo ranks
+
 WORLD = 2
 
 

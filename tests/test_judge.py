@@ -326,6 +326,7 @@ def test_failed_requests_are_not_cached(fake, tmp_path):
     assert len(list(tmp_path.rglob("*.json"))) == 1
 
 
+@pytest.mark.integration
 def test_cache_in_object_storage(fake, s3_env):
     cache = f"s3://{s3_env.bucket}/judge-cache"
     first = client(fake, cache_dir=cache).complete(chat("in s3"))

@@ -152,6 +152,7 @@ def test_stats_from_footers_without_a_manifest_and_from_the_manifest_with_one(sy
     assert table.splitlines()[-1].split()[:2] == ["total", str(sum(ROWS.values()))]
 
 
+@pytest.mark.integration
 def test_import_into_seaweedfs_and_read_the_stats_back(synthetic, s3_env):
     store = s3_env.config
     dst = store.uri("imported-manifest")

@@ -6,8 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import FIXTURE_DIR, load_golden
-from test_training_forward import golden_batch
+from conftest import FIXTURE_DIR, golden_batch, load_golden
 
 from irg.data.format import parse_conversation
 from irg.data.sequence import PreprocessConfig, SpecialTokens, VaeItem, attention_mask, build_sample, pack
@@ -56,6 +55,7 @@ def test_fixture_rows_pack_into_the_reference_batch(pretrained):
                  "packed_vae_token_indexes", "mse_loss_indexes", "packed_vit_position_ids",
                  "packed_vit_token_indexes", "vit_token_seqlens", "ce_loss_indexes", "packed_label_ids"):
         assert torch.equal(getattr(batch, name), getattr(expected, name)), name
+    assert len(batch.attention_masks) == len(expected.attention_masks)
     for ours, reference in zip(batch.attention_masks, expected.attention_masks):
         assert torch.equal(ours, reference == 0)  # reference masks are additive: 0 attend, -inf blocked
     torch.testing.assert_close(batch.packed_timesteps, expected.packed_timesteps, atol=1e-6, rtol=0)

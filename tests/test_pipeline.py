@@ -85,6 +85,7 @@ def test_a_prompt_gives_the_same_result_alone_or_in_a_batch(pipe):
     """Each prompt draws from its own seeded generator: thinks are sampled (temperature 0.3) here."""
     prompts = ["a red cube", "two green birds above a white house"]
     batch = pipe(prompts, seed=[5, 9], **SMALL)
+    assert len(batch) == len(prompts)
     for prompt, seed, out in zip(prompts, (5, 9), batch):
         alone = pipe(prompt, seed=seed, **SMALL)
         assert alone.texts == out.texts and alone.seed == out.seed == seed
@@ -136,11 +137,26 @@ def test_thinking_stops_at_im_end(pipe, monkeypatch):
 
 
 def test_think_is_capped_at_max_think_tokens(pipe):
+    """Greedy, the tiny random model does not close its think within 12 tokens (checked first), so only the
+    cap ends it: exactly ``max_think_tokens`` tokens, the first ones of the longer think, never one more."""
+    greedy = dict(SMALL, think_temperature=0.0)
     events = []
-    out = pipe("a red cube", rounds=1, callback=events.append, **dict(SMALL, max_think_tokens=5))
-    tokens = [e for e in events if e.kind == "think_token"]
-    assert len(tokens) <= 5  # fewer only if the model happened to close the span itself
-    assert tokens[-1].text == out.texts[0]
+    pipe("a red cube", rounds=1, callback=events.append, **dict(greedy, max_think_tokens=12))
+    uncapped = [e.text for e in events if e.kind == "think_token"]
+    assert len(uncapped) == 12  # one event per token: the model did not stop on its own
+    decode_steps = {"n": 0}
+    handle = pipe.model.language_model.lm_head.register_forward_hook(
+        lambda *_: decode_steps.__setitem__("n", decode_steps["n"] + 1))
+    try:
+        for cap in (1, 5):
+            events.clear()
+            decode_steps["n"] = 0
+            out = pipe("a red cube", rounds=1, callback=events.append, **dict(greedy, max_think_tokens=cap))
+            tokens = [e.text for e in events if e.kind == "think_token"]
+            assert len(tokens) == cap and decode_steps["n"] == cap
+            assert tokens == uncapped[:cap] and out.texts == [uncapped[cap - 1]]
+    finally:
+        handle.remove()
 
 
 def test_events_arrive_in_order_for_three_rounds(pipe):
@@ -168,6 +184,7 @@ def test_round_settings_turn_guidance_off(pipe):
          round_settings=[{"cfg_text_scale": 1.0}, RoundSettings(cfg_img_scale=1.0, cfg_interval=(0.0, 1.0))],
          **SMALL)
     steps = [e.detail for e in events if e.kind == "step"]
+    assert len(steps) == 2 * (SMALL["num_steps"] - 1)  # else the all()s below would hold vacuously
     round1, round2 = steps[:2], steps[2:]
     assert all(s.v_text is None and s.v_img is None for s in round1)  # text CFG 1.0: one branch only
     assert all(s.v_text is not None and s.v_img is None for s in round2)  # image CFG off

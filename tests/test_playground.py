@@ -208,6 +208,7 @@ WATCH_BUTTONS = """(() => {
 })()"""
 
 
+@pytest.mark.integration
 def test_the_playground_streams_each_round_s_think_text_progress_and_image(server, browser):
     page = open_playground(browser, server)
     assert page.evaluate("document.title") == "IRG playground"
@@ -262,6 +263,7 @@ def test_the_playground_streams_each_round_s_think_text_progress_and_image(serve
     print(f"generation in the page took {elapsed:.1f} s; screenshot {SCREENSHOT} ({len(png)} bytes)")
 
 
+@pytest.mark.integration
 def test_a_rejected_request_shows_the_server_s_message(server, browser):
     page = open_playground(browser, server)
     settings = {"size": "64x64", "steps": 1, "rounds": 2, "max_think_tokens": 8}
@@ -281,6 +283,7 @@ def test_a_rejected_request_shows_the_server_s_message(server, browser):
     assert page.page_errors() == []
 
 
+@pytest.mark.integration
 def test_stop_ends_the_generation_in_the_page_and_on_the_server(server, browser):
     page = open_playground(browser, server)
     generator = serve.get_deployment_handle("Generator", app_name="irg")

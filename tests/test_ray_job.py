@@ -10,6 +10,8 @@ from mlflow import MlflowClient
 
 from irg.data.synth import write_synthetic
 
+pytestmark = pytest.mark.integration  # `ray start --head`, SeaweedFS and a submitted job
+
 
 def test_the_irgl_job_runs_on_a_submitted_cluster(s3_server, tmp_path, ray_env, ray_head):
     store_env = dict(s3_server.config.env())

@@ -11,6 +11,8 @@ from conftest import FIXTURE_DIR
 
 from irg.model import load_pretrained, save_pretrained
 
+pytestmark = pytest.mark.integration  # the SeaweedFS S3 server
+
 SAMPLE_TEXT = "<|im_start|>user\nDraw a red cube.<|im_end|><|vision_start|><|vision_end|>"
 
 

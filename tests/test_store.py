@@ -70,6 +70,7 @@ def data_dir(tmp_path, no_leaks):
     embedded_store.down(path)
 
 
+@pytest.mark.integration
 def test_up_is_healthy_detached_and_recorded(running):
     assert running.running and running.healthy, running
     assert running.endpoint_url == f"http://127.0.0.1:{running.ports['s3']}"
@@ -83,6 +84,7 @@ def test_up_is_healthy_detached_and_recorded(running):
     assert st.running and st.healthy and st.pid == running.pid, st
 
 
+@pytest.mark.integration
 def test_fsspec_write_read(running, monkeypatch):
     fs = running.config.fsspec_filesystem()
     uri = running.config.uri("t", "hello.txt")
@@ -98,6 +100,7 @@ def test_fsspec_write_read(running, monkeypatch):
         assert f.read() == b"hello store"
 
 
+@pytest.mark.integration
 def test_pyarrow_parquet_write_read(running):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -111,6 +114,7 @@ def test_pyarrow_parquet_write_read(running):
     assert running.config.fsspec_filesystem().size(path) == fs.get_file_info(path).size
 
 
+@pytest.mark.integration
 def test_up_again_is_a_no_op(running):
     again = embedded_store.up(running.data_dir, s3_port=running.ports["s3"])
     assert again.pid == running.pid and again.healthy and "already running" in again.detail
@@ -120,6 +124,7 @@ def test_up_again_is_a_no_op(running):
     assert f"on port {running.ports['s3']}" in other.detail
 
 
+@pytest.mark.integration
 def test_down_up_keeps_data_and_down_is_idempotent(data_dir):
     # Started by another process that then exits (as `irg store up` does): the store outlives it.
     port = free_s3_port()
@@ -254,6 +259,7 @@ def test_pyarrow_filesystem_takes_the_endpoint_explicitly():
         StoreConfig("http://127.0.0.1:9000/prefix").pyarrow_filesystem()
 
 
+@pytest.mark.integration
 def test_module_functions_follow_the_config_file(running, tmp_path, monkeypatch):
     """With only a config file (no AWS variables), the module functions reach the store, and a wrong
     secret is reported with the URI, the endpoint, the key and the file to fix."""

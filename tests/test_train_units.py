@@ -5,8 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE_DIR, load_golden
-from test_training_forward import golden_batch
+from conftest import FIXTURE_DIR, REPO, golden_batch, load_golden
 
 from irg.data.format import STAGE_WEIGHTS
 from irg.data.sequence import PreprocessConfig, SpecialTokens, TextPart, build_sample, pack
@@ -15,8 +14,8 @@ from irg.train.config import TrainConfig, load_config
 from irg.train.ema import ShardedEMA, assemble
 from irg.train.step import reduce_losses, training_flops
 
-TINY_CONFIG = "jobs/configs/tiny.yaml"
-BAGEL_CONFIG = "jobs/configs/bagel-7b.yaml"
+TINY_CONFIG = str(REPO / "jobs" / "configs" / "tiny.yaml")
+BAGEL_CONFIG = str(REPO / "jobs" / "configs" / "bagel-7b.yaml")
 
 
 def test_stage_entries_and_overrides_layer_over_the_shared_settings():
@@ -155,6 +154,7 @@ def test_freezing_options_leave_only_the_chosen_parts_trainable():
     assert model.config.timestep_shift == 3.0
 
 
+@pytest.mark.integration  # a subprocess run of jobs/train.py (about 12 s each)
 @pytest.mark.parametrize("setting, message", [
     ("data.root=/nonexistent/irgl", "no rows to train on"),
     ("model.checkpoint=/nonexistent/ckpt", "has no llm_config.json"),
@@ -165,8 +165,9 @@ def test_the_job_refuses_bad_input_before_starting_a_cluster(setting, message, t
     import sys
 
     env = {**os.environ, "IRG_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    done = subprocess.run([sys.executable, "jobs/train.py", "--stage", "1", "--config", TINY_CONFIG,
+    # From the repository root, as users run it: the config's model.checkpoint is a repository path.
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--stage", "1", "--config", TINY_CONFIG,
                            "--set", f"run.storage={tmp_path}/runs", "--set", setting],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr

@@ -2,39 +2,14 @@
 
 import pytest
 import torch
-from conftest import FIXTURE_DIR, load_golden
+from conftest import FIXTURE_DIR, golden_batch, load_golden
 
-from irg.model import PackedBatch, load_pretrained
+from irg.model import load_pretrained
 
 
 @pytest.fixture(scope="module")
 def golden():
     return load_golden("train_forward")
-
-
-def golden_batch(tensors, meta) -> PackedBatch:
-    b = {k.removeprefix("batch_"): v for k, v in tensors.items() if k.startswith("batch_")}
-    return PackedBatch(
-        sequence_length=meta["sequence_length"],
-        sample_lens=meta["sample_lens"],
-        packed_position_ids=b["packed_position_ids"],
-        attention_masks=[b["nested_attention_mask_0"], b["nested_attention_mask_1"]],
-        packed_text_ids=b["packed_text_ids"],
-        packed_text_indexes=b["packed_text_indexes"],
-        padded_images=b["padded_images"],
-        patchified_vae_latent_shapes=[tuple(s) for s in meta["patchified_vae_latent_shapes"]],
-        packed_latent_position_ids=b["packed_latent_position_ids"],
-        packed_vae_token_indexes=b["packed_vae_token_indexes"],
-        packed_timesteps=b["packed_timesteps"],
-        mse_loss_indexes=b["mse_loss_indexes"],
-        packed_vit_tokens=b["packed_vit_tokens"],
-        packed_vit_position_ids=b["packed_vit_position_ids"],
-        packed_vit_token_indexes=b["packed_vit_token_indexes"],
-        vit_token_seqlens=b["vit_token_seqlens"],
-        ce_loss_indexes=b["ce_loss_indexes"],
-        packed_label_ids=b["packed_label_ids"],
-        ce_loss_weights=b["ce_loss_weights"],
-    )
 
 
 def test_training_forward_matches_reference(golden):
