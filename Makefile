@@ -12,20 +12,25 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+INSTALL_LOG := $(VENV)/install.log
+
+# pip's output goes to a log file (its last lines are shown if it fails): a person reads the steps.
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[cluster,dev]'
-	touch $@
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing the pinned dependencies into $(VENV) (log: $(INSTALL_LOG))"
+	@( $(PY) -m pip install torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) \
+	   && DS_BUILD_OPS=0 $(PY) -m pip install -e '.[cluster,dev]' ) > $(INSTALL_LOG) 2>&1 \
+	   || (tail -n 30 $(INSTALL_LOG); echo "install failed: see $(INSTALL_LOG)"; exit 1)
+	@touch $@
 
 demo: install
-	$(PY) jobs/demo.py
+	@$(PY) jobs/demo.py
 
 # The playground test drives headless Chromium (Debian's package).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 browser:
-	command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
 
 # Lint first: a finding fails the target before the (long) suite runs.
 test: install browser
