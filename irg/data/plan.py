@@ -151,6 +151,6 @@ def plan_epoch(groups: list[RowGroup], quota: dict[str, int], seed: int, epoch: 
             rows = chosen[(chosen >= start) & (chosen < end)] - start
             rows = tuple(int(r) for r in rows if row_id(g.relpath, g.index, int(r)) not in consumed)
             if rows:
-                units.append(WorkUnit(mode, g.path, g.relpath, g.index, rows))
+                units.append(WorkUnit(mode=mode, path=g.path, relpath=g.relpath, row_group=g.index, rows=rows))
     order = np.random.default_rng([seed, epoch, len(quota)]).permutation(len(units))
     return [units[i] for i in order]

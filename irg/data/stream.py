@@ -123,8 +123,8 @@ class _PrepareUnits:
     def __call__(self, batch: dict) -> dict:
         records = []
         for i in range(len(batch["path"])):
-            unit = WorkUnit(str(batch["mode"][i]), str(batch["path"][i]), str(batch["relpath"][i]),
-                            int(batch["row_group"][i]), tuple(int(r) for r in batch["rows"][i]))
+            unit = WorkUnit(mode=str(batch["mode"][i]), path=str(batch["path"][i]), relpath=str(batch["relpath"][i]),
+                            row_group=int(batch["row_group"][i]), rows=tuple(int(r) for r in batch["rows"][i]))
             records.extend(self.preparer(self.fs, unit))
         return {name: [r[name] for r in records] for name in PREPARED_COLUMNS}
 

@@ -47,7 +47,8 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
-        return cls(d["step"], DataPosition.from_dict(d["position"]), d.get("mlflow_run_id"), d.get("resumes", 0))
+        return cls(step=d["step"], position=DataPosition.from_dict(d["position"]), mlflow_run_id=d.get("mlflow_run_id"),
+                   resumes=d.get("resumes", 0))
 
 
 def run_storage(cfg: TrainConfig) -> str:
