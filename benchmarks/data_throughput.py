@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Self
 
-TOKENIZER = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "bagel_tiny"
+TINY_CHECKPOINT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "bagel_tiny"
 MIB = 1024 * 1024
 
 
@@ -165,9 +165,9 @@ def main(args: argparse.Namespace) -> dict:
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             config = data_config(args)
-            data = IRGLData(StreamConfig.for_stage(1, root, str(TOKENIZER), preprocess=config,
+            data = IRGLData(StreamConfig.for_stage(1, root, str(TINY_CHECKPOINT), preprocess=config,
                                                    prepare_concurrency=args.prepare_concurrency), store)
-            special = SpecialTokens.from_tokenizer(load_tokenizer(str(TOKENIZER)))
+            special = SpecialTokens.from_tokenizer(load_tokenizer(str(TINY_CHECKPOINT)))
             log(f"streaming one stage-1 epoch ({sum(data.quota.values())} rows) into {args.consumers} consumers")
             with MemorySampler() as memory:
                 start = time.perf_counter()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from irg.device import DEVICE_HELP, DTYPE_CHOICES, resolve_device, resolve_dtype
 from irg.model import AutoEncoder, Bagel, KVCache, get_config
 from irg.model.embeddings import PositionEmbedding2D
 from irg.model.latents import grid_position_ids
@@ -148,8 +149,8 @@ def fixed_think_text(tokenizer, tokens: int) -> tuple[str, int]:
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=["tiny", "bagel-7b"], default="tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--context-tokens", type=int, nargs="+", default=[850, 10500])
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=50)
@@ -158,9 +159,9 @@ def main() -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip-full-request", action="store_true")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    device = resolve_device(args.device, "--device")
+    dtype = resolve_dtype(args.dtype, device, "--dtype")
+    dtype_name = str(dtype).removeprefix("torch.")
     config = get_config(args.preset)
     unit = config.pixels_per_latent_token
     if args.image_size % unit or args.image_size > unit * config.max_latent_size:

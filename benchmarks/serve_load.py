@@ -24,12 +24,12 @@ import json
 import math
 import os
 import platform
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
+from irg.embedded_store import free_port
 from irg.serve.options import AppArgs, BatchOptions
 
 MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "bagel_tiny"
@@ -78,12 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.seconds <= 0 or args.cooldown < 0 or args.batch_wait < 0:
         parser.error("--seconds must be > 0, --cooldown and --batch-wait >= 0")
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TOKENIZER = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "bagel_tiny"
+from irg.device import DTYPE_CHOICES, resolve_dtype
+from irg.embedded_store import free_port
+
+TINY_CHECKPOINT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "bagel_tiny"
 
 
 def log(msg: str) -> None:
@@ -58,9 +60,7 @@ def packed_batches(tokenizer, model_config, tokens: int, image_size: int, count:
 
 
 def init_single_process_group(backend: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
     torch.distributed.init_process_group(backend, rank=0, world_size=1)
@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="tiny, mot-1.5b or bagel-7b (random weights)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="fp32 or bf16 (any irg.device spelling)")
     parser.add_argument("--tokens", type=int, default=2048, help="packed tokens per step")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -91,19 +91,19 @@ def main() -> None:
     from irg.model import AutoEncoder, build_model, get_config
     from irg.model.checkpoint import load_tokenizer
     from irg.train.config import ModelSettings, OptimSettings, TrainConfig
-    from irg.train.loop import deepspeed_engine, prepare_model
+    from irg.train.engine import deepspeed_engine, prepare_model
     from irg.train.step import peak_flops, train_step
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = resolve_dtype(args.dtype, device, "--dtype")
     init_single_process_group("nccl" if device.type == "cuda" else "gloo")
     config = get_config(args.preset)
-    tokenizer = load_tokenizer(str(TOKENIZER))
+    tokenizer = load_tokenizer(str(TINY_CHECKPOINT))
     log(f"building {args.preset} on {device}")
     torch.manual_seed(0)
     with device:
         model = build_model(config)
         autoencoder = AutoEncoder(config.ae).to(dtype).eval().requires_grad_(False)
-    cfg = TrainConfig(model=ModelSettings(dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
+    cfg = TrainConfig(model=ModelSettings(dtype=str(dtype).removeprefix("torch."),
                                           activation_checkpointing=args.activation_checkpointing,
                                           freeze_vit=args.freeze_vit),
                       optim=OptimSettings(warmup_steps=1))

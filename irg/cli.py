@@ -11,6 +11,10 @@ from pathlib import Path
 from irg.device import DEVICE_HELP, DTYPE_CHOICES
 
 
+class UsageError(ValueError):
+    """An argument the command cannot use (reported in one line, like the pipeline's InvalidRequestError)."""
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """``1024`` or ``WIDTHxHEIGHT`` -> (width, height)."""
     try:
@@ -32,16 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="checkpoint folder or s3:// URI in the official BAGEL layout")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--out", required=True, type=Path, help="output folder (round PNGs + trace.json)")
-    # Generation settings left unset take the pipeline's defaults (irg.pipeline.DEFAULTS).
-    gen.add_argument("--size", type=parse_size, help="N or WIDTHxHEIGHT, multiples of 16 (default 1024)")
-    gen.add_argument("--steps", type=int, help="flow timesteps per image (>= 2, default 50)")
-    gen.add_argument("--rounds", type=int, help="images to draw; round 2+ follow a reflection (default 2)")
+    # Generation settings left unset take the pipeline's defaults (irg.pipeline.DEFAULTS); the CLI does
+    # not restate them (nor import torch to print them).
+    gen.add_argument("--size", type=parse_size, help="N or WIDTHxHEIGHT, multiples of 16")
+    gen.add_argument("--steps", type=int, help="flow timesteps per image")
+    gen.add_argument("--rounds", type=int, help="images to draw; round 2+ follow a reflection")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto", help=DEVICE_HELP)
     gen.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on CUDA, fp32 on the CPU")
-    gen.add_argument("--max-think-tokens", type=int, help="think budget per round (default 1000)")
-    gen.add_argument("--think-temperature", type=float, help="default 0.3")
+    gen.add_argument("--max-think-tokens", type=int, help="think budget per round")
+    gen.add_argument("--think-temperature", type=float)
     gen.set_defaults(func=generate)
+    gen.epilog = "Settings of `irg generate` left out take the pipeline's defaults (irg.pipeline.DEFAULTS)."
 
     store = commands.add_parser("store", help="the embedded S3-compatible object store (SeaweedFS on 127.0.0.1)")
     store_commands = store.add_subparsers(dest="store_command", required=True)
@@ -162,8 +168,11 @@ def generate(args: argparse.Namespace) -> int:
 
     width, height = args.size or (None, None)
     # Everything that can be checked without the weights is checked before loading them.
-    device = resolve_device(args.device, "--device")
-    dtype = resolve_dtype(args.dtype, device, "--dtype")
+    try:
+        device = resolve_device(args.device, "--device")
+        dtype = resolve_dtype(args.dtype, device, "--dtype")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     request = validate_request(read_config(args.model), args.prompt, height=height, width=width,
                                num_steps=args.steps, rounds=args.rounds, seed=args.seed,
                                max_think_tokens=args.max_think_tokens, think_temperature=args.think_temperature)
@@ -273,12 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     from irg.data.format import RowError
     from irg.embedded_store import StoreError
     from irg.model import CheckpointError
+    from irg.pipeline import InvalidRequestError
 
-    # Errors about the user's input (bad values, the pipeline's InvalidRequestError among them; missing
-    # files; refused access) end the command with a one-line message; anything else is a bug and keeps
-    # its traceback.
-    user_errors = (ValueError, CheckpointError, RowError, StoreError, FileNotFoundError, FileExistsError,
-                   PermissionError)
+    # Errors about the user's input end the command with a one-line message; anything else is a bug
+    # and keeps its traceback.
+    user_errors = (UsageError, InvalidRequestError, CheckpointError, RowError, StoreError, FileNotFoundError,
+                   FileExistsError, PermissionError)
     try:
         from mlflow.exceptions import MlflowException  # unknown model or version, bad tracking URI
 

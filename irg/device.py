@@ -25,6 +25,22 @@ DTYPE_CHOICES = (AUTO, *sorted(DTYPE_NAMES))
 DEVICE_HELP = "auto (CUDA where there is one, else the CPU), cpu, cuda or cuda:N"
 
 
+def device_name(name: str | torch.device, argument: str = "device") -> str:
+    """``name`` checked as a device name (``"auto"``, a CPU or a CUDA device) without asking whether the
+    device is there: for settings checked on one machine and used on another (a Serve replica)."""
+    import torch
+
+    if name == AUTO:
+        return AUTO
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{argument}: unknown device {name!r} ({e}); use {DEVICE_HELP}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{argument}: unsupported device {str(device)!r}; use {DEVICE_HELP}")
+    return str(device)
+
+
 def resolve_device(name: str | torch.device = AUTO, argument: str = "device") -> torch.device:
     """A usable torch device: ``"auto"`` is CUDA where there is one, else the CPU.
 
@@ -35,18 +51,13 @@ def resolve_device(name: str | torch.device = AUTO, argument: str = "device") ->
 
     if name == AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{argument}: unknown device {name!r} ({e}); use {DEVICE_HELP}") from None
+    device = torch.device(device_name(name, argument))
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{argument}: {str(device)!r} requested but CUDA is not available")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"{argument}: {str(device)!r}, but there are only {torch.cuda.device_count()} "
                              "CUDA device(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"{argument}: unsupported device {str(device)!r}; use {DEVICE_HELP}")
     return device
 
 

@@ -111,6 +111,13 @@ def port_is_free(port: int, host: str = HOST) -> bool:
     return True
 
 
+def free_port(host: str = HOST) -> int:
+    """A port free on ``host`` now (the OS's choice): for a server started next, on loopback."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def free_port_pairs(count: int, offset: int = GRPC_OFFSET, host: str = HOST,
                     exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, int]]:
     """``count`` distinct (port, port + offset) pairs that are free now on ``host`` and not in ``exclude``."""

@@ -21,12 +21,12 @@ import contextlib
 import io
 import json
 import logging
-import socket
 import sys
 import time
 from pathlib import Path
 
 from irg.console import Bar, Console, first_line, library_output_to
+from irg.embedded_store import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red cube on the left of a blue ball"
@@ -92,7 +92,7 @@ def demo(args: argparse.Namespace, console: Console) -> None:
     where_to_look(args.out, model, version.name, evaluation, console)
 
 
-def object_store_and_data(rows: int) -> str:
+def object_store_and_data(rows: int) -> tuple[str, str, str]:
     """The embedded store up (idempotent; it becomes the default store) and the synthetic data on it.
     Returns the store's status line, the data's URI and what was done about it."""
     from irg import cli, storage
@@ -232,7 +232,7 @@ def where_to_look(out: Path, model: str, name: str, evaluation, console: Console
     from irg import storage
 
     env = " ".join(f"{k}={v}" for k, v in storage.StoreConfig.load().env().items()
-                   if k in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+                   if k in (storage.MLFLOW_ENDPOINT_ENV, storage.ACCESS_KEY_ENV, storage.SECRET_KEY_ENV))
     console.say(f"images and events:  {shown(out)}/  (round1.png, round2.png, trace.json)")
     console.say(f"MLflow UI:          {env} .venv/bin/mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
     console.say("                    (then http://127.0.0.1:5000; experiments irgl-demo and irg-eval)")
@@ -258,12 +258,6 @@ def shutdown_ray() -> None:
 def shown(path: Path) -> Path:
     """``path`` relative to the working directory when it is under it: shorter to read and to copy."""
     return path.resolve().relative_to(Path.cwd()) if path.resolve().is_relative_to(Path.cwd()) else path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

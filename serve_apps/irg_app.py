@@ -69,7 +69,7 @@ class _StreamJob:
     user_config=BATCHING.model_dump(),
 )
 class Generator:
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, model: str, device: str, dtype: str):  # from AppArgs, which holds their defaults
         from irg.pipeline import IRGPipeline
         from irg.registry import checkpoint_path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from irg.embedded_store import free_port
 
 if TYPE_CHECKING:
     from irg.model import PackedBatch
@@ -83,6 +84,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    """The tiny checkpoint's pipeline in float32 on the CPU, one per test module."""
+    from irg.pipeline import IRGPipeline
+
+    return IRGPipeline.from_pretrained(FIXTURE_DIR)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # The goldens were computed with 2 CPU threads; keep results independent of the host's core count.
@@ -125,12 +134,6 @@ def s3_env(s3_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     yield s3_server
     s3fs.S3FileSystem.clear_instance_cache()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

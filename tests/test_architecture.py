@@ -101,7 +101,8 @@ def test_the_checker_finds_a_cycle_hidden_in_a_function(tmp_path):
                                                 ["irg.train", "irg.registry", "irg.train"]]
 
 
-@pytest.mark.parametrize("module", ["irg.train.export", "irg.train.checkpointing", "irg.train", "irg.cli",
+@pytest.mark.parametrize("module", ["irg.train.export", "irg.train.checkpointing", "irg.train.engine",
+                                    "irg.train.step", "irg.train", "irg.cli",
                                     "irg.tracking", "irg.registry", "irg.eval.run"])
 def test_modules_that_need_no_cluster_import_no_ray(module):
     """Exporting a checkpoint, the CLI, tracking and the registry work where Ray is not installed."""

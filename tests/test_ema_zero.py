@@ -2,11 +2,12 @@
 against DeepSpeed's own gathered parameters (not against our own gather)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from irg.embedded_store import free_port
 
 pytestmark = pytest.mark.integration  # DeepSpeed on two spawned gloo ranks
 
@@ -52,9 +53,7 @@ def _worker(rank: int, port: int, stage: int, results):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_ema_shards_hold_the_engines_weights(stage):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = mp.get_context("spawn")
     results = context.Queue()
     processes = [context.Process(target=_worker, args=(r, port, stage, results)) for r in range(WORLD)]

@@ -12,11 +12,6 @@ SMALL = dict(height=32, width=32, num_steps=3, vae_transform=(32, 16, 16), vit_t
              max_think_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return IRGPipeline.from_pretrained(FIXTURE_DIR)
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [

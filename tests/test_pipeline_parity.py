@@ -3,19 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE_DIR, load_case, load_golden
+from conftest import load_case, load_golden
 from PIL import Image
-
-from irg.pipeline import IRGPipeline
 
 ATOL = 1e-4
 CASE = load_case()["case"]
 SMALL_TRANSFORMS = dict(vae_transform=tuple(CASE["vae_transform"]), vit_transform=tuple(CASE["vit_transform"]))
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return IRGPipeline.from_pretrained(FIXTURE_DIR)
 
 
 def run_and_trace(pipe, **kwargs):

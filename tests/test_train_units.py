@@ -140,7 +140,7 @@ def test_the_flop_count_matches_the_model_it_describes():
 
 
 def test_freezing_options_leave_only_the_chosen_parts_trainable():
-    from irg.train.loop import prepare_model
+    from irg.train.engine import prepare_model
 
     config = load_config(TINY_CONFIG, 1, ["model.freeze_vit=true", "model.freeze_und=true",
                                           "model.activation_checkpointing=true", "model.timestep_shift=3.0"])

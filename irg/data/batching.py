@@ -40,9 +40,10 @@ class DataStats:
             self.examples[reason].append(detail)
 
     def merge(self, other: DataStats) -> DataStats:
-        merged = DataStats(self.read + other.read, self.used + other.used, self.rejected + other.rejected,
-                           defaultdict(list), self.used_per_mode + other.used_per_mode,
-                           self.batches + other.batches, self.tokens + other.tokens)
+        merged = DataStats(read=self.read + other.read, used=self.used + other.used,
+                           rejected=self.rejected + other.rejected, examples=defaultdict(list),
+                           used_per_mode=self.used_per_mode + other.used_per_mode,
+                           batches=self.batches + other.batches, tokens=self.tokens + other.tokens)
         for source in (self.examples, other.examples):
             for reason, details in source.items():
                 merged.examples[reason].extend(details[: MAX_EXAMPLES_PER_REASON - len(merged.examples[reason])])

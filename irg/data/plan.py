@@ -113,7 +113,7 @@ def discover(fs: pafs.FileSystem, root: str, modes: list[str]) -> tuple[list[Row
             for index in range(metadata.num_row_groups):
                 n = metadata.row_group(index).num_rows
                 if n:
-                    groups.append(RowGroup(mode, f.path, relpath, index, n))
+                    groups.append(RowGroup(mode=mode, path=f.path, relpath=relpath, index=index, num_rows=n))
     return groups, issues
 
 

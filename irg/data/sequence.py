@@ -153,7 +153,8 @@ def _vit_item(part: ImagePart, transform: ImageTransform, model: BagelConfig) ->
     per_side = model.vit_max_num_patch_per_side
     if max(rows, cols) > per_side:
         raise ValueError(f"{rows}x{cols} ViT patches exceed {per_side} per side")
-    return VitItem(pixels, grid_position_ids(rows, cols, per_side).numpy(), transform.stride)
+    return VitItem(pixels=pixels, position_ids=grid_position_ids(rows, cols, per_side).numpy(),
+                   patch_size=transform.stride)
 
 
 def _vae_item(part: ImagePart, transform: ImageTransform, model: BagelConfig, raw_timestep: float) -> VaeItem:
@@ -163,7 +164,8 @@ def _vae_item(part: ImagePart, transform: ImageTransform, model: BagelConfig, ra
     if max(h, w) > model.max_latent_size:
         raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} exceeds the latent grid "
                          f"({model.max_latent_size * stride} px per side)")
-    return VaeItem(pixels, grid_position_ids(h, w, model.max_latent_size).numpy(), part.loss, raw_timestep, stride)
+    return VaeItem(pixels=pixels, position_ids=grid_position_ids(h, w, model.max_latent_size).numpy(), loss=part.loss,
+                   raw_timestep=raw_timestep, stride=stride)
 
 
 def pack(samples: list[Sample], special: SpecialTokens) -> PackedBatch:

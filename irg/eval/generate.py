@@ -105,7 +105,8 @@ class ImageGenerator:
                                        "wb") as f:
                     image.save(f, format="PNG")
             record = {"prompt_id": str(prompt_id), "sample": int(sample), "prompt": out.prompt, "seed": out.seed,
-                      "texts": out.texts, "timings_s": out.timings, "settings": asdict(s)}
+                      "texts": out.texts, "timings_s": out.timings, "settings": asdict(s),
+                      "device": str(self.pipe.device), "dtype": str(self.pipe.dtype).removeprefix("torch.")}
             with storage.open_file(sample_uri(self.output, str(prompt_id), int(sample), "record.json"), "w") as f:
                 json.dump(record, f)
         return {"prompt_id": [str(p) for p in batch["prompt_id"]], "sample": [int(x) for x in batch["sample"]],

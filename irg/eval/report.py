@@ -54,7 +54,7 @@ def build_report(name: str, scorer: str, overall: str, prompts: list[EvalPrompt]
         summaries[f"round{r}"] = summarize(scored, overall)
     counts = dict(Counter(category[row["prompt_id"]] for row in rows if row["round"] == 1))
     failures = sum(1 for row in rows if "parse_error" in row["details"])
-    return Report(name, scorer, summaries, counts, failures)
+    return Report(name=name, scorer=scorer, rounds=summaries, counts=counts, failures=failures)
 
 
 def format_table(report: Report) -> str:

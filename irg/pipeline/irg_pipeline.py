@@ -62,11 +62,11 @@ class IRGPipeline:
         self._system_caches: dict[tuple, KVCache] = {}
 
     @classmethod
-    def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto"):
+    def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"):
         """Load a checkpoint in the official BAGEL layout from a folder or an ``s3://`` URI.
 
-        ``device`` and ``dtype`` take names or torch objects (see :mod:`irg.device`); dtype ``"auto"``
-        is bfloat16 on CUDA and float32 on the CPU."""
+        ``device`` and ``dtype`` take names or torch objects (see :mod:`irg.device`); float32 unless
+        told otherwise, as in diffusers; ``dtype="auto"`` is bfloat16 on CUDA and float32 on the CPU."""
         device = resolve_device(device)
         pretrained = load_pretrained(path, device=device, dtype=resolve_dtype(dtype, device))
         return cls(pretrained.model, pretrained.autoencoder, pretrained.tokenizer)
@@ -74,9 +74,12 @@ class IRGPipeline:
     def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
         save_pretrained(path, self.model, self.autoencoder, self.tokenizer, dtype=dtype)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> IRGPipeline:
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> IRGPipeline:
+        """Move to a device and/or dtype, given as names or torch objects (see :mod:`irg.device`)."""
         if device is not None:
             device = resolve_device(device)
+        if dtype is not None:
+            dtype = resolve_dtype(dtype, device or self.device)
         for module in (self.model, self.autoencoder):
             module.to(device=device, dtype=dtype)
         return self

@@ -2,8 +2,9 @@
 bad input from the model's configuration alone, before loading or running anything.
 
 This module owns what a request gets when it does not say (:data:`DEFAULTS`) and how far it may go
-(:data:`LIMITS`): the CLI, Serve, the registry's pyfunc, evaluation and training samples pass None
-(or nothing) for what their user did not set, and take their help texts and bounds from here. The
+(:data:`LIMITS`): the CLI, Serve and training samples pass None for what their user did not set; the
+registry's pyfunc signature and evaluation's stored settings, which need concrete values, copy them
+from :data:`DEFAULTS`; Serve's bounds are :data:`LIMITS`. The
 image transforms that feed a round's image back default to the checkpoint's own
 (:attr:`BagelConfig.vae_transform`, :attr:`BagelConfig.vit_transform`).
 """
@@ -40,9 +41,9 @@ class GenerationLimits:
     """The largest request any front end accepts (a server may add budgets of its own on top)."""
 
     min_num_steps: int = 2  # timesteps from noise to image: at least one model evaluation
-    max_num_steps: int = 1000
-    max_rounds: int = 16
-    max_think_tokens: int = 8192
+    max_num_steps: int = 200  # four times the reference's 50
+    max_rounds: int = 8  # the paper found 2 best, 3-4 slightly worse
+    max_think_tokens: int = 4096  # four times the reference's think budget
 
 
 DEFAULTS = GenerationDefaults()

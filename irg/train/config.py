@@ -39,6 +39,8 @@ class ModelSettings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":  # the workers' device is not known here
+            raise ValueError("model.dtype: say float32 or bfloat16 (auto is not decided for training)")
         dtype = resolve_dtype(self.dtype, argument="model.dtype")
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"model.dtype: training runs in float32 or bfloat16, got {self.dtype!r}")
@@ -123,7 +125,7 @@ class TrackingSettings(TrackingConfig):
     registered_model: str = "irg"
     sample_prompt: str = "a red cube on the left of a blue ball"
     sample_size: int = 512
-    sample_steps: int = 50
+    sample_steps: int | None = None  # None: the pipeline's default
     sample_max_think_tokens: int | None = None  # None: the pipeline's default
     sample_images: bool = True  # at each checkpoint, from the EMA weights (rank 0 holds a full copy)
     peak_tflops: float | None = None  # per worker, for MFU; default: known GPUs, or a measured CPU matmul

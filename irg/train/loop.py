@@ -27,6 +27,7 @@ from irg.train.checkpointing import FAULT_DRILL_MARKER, TrainState, read_checkpo
 from irg.train.config import TrainConfig
 from irg.train.data import WorkerBatches, all_gather_objects
 from irg.train.ema import ShardedEMA
+from irg.train.engine import deepspeed_engine, prepare_model
 from irg.train.figures import image_strip, log_loss_curve
 from irg.train.step import StepResult, peak_flops, train_step
 
@@ -79,34 +80,6 @@ def train_loop_per_worker(config: dict) -> None:
                                                         "epoch": batches.epoch})
             log_checkpoint_extras(cfg, ema, batches, pretrained, logger, state.step, world)
     progress.close()
-
-
-def prepare_model(model, cfg: TrainConfig):
-    """Freeze what the config freezes, switch on activation checkpointing, set the flow shift."""
-    model.config.timestep_shift = cfg.model.timestep_shift
-    if cfg.model.freeze_vit:
-        model.vit_model.requires_grad_(False)
-    if cfg.model.freeze_und:
-        for name, param in model.language_model.named_parameters():
-            if "moe_gen" not in name:
-                param.requires_grad_(False)
-    model.language_model.model.gradient_checkpointing = cfg.model.activation_checkpointing
-    return model.train()
-
-
-def deepspeed_engine(model, cfg: TrainConfig):
-    import deepspeed
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("every parameter is frozen: nothing to train")
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
-    warmup = max(cfg.optim.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=cfg.deepspeed.build(cfg.model, cfg.optim), dist_init_required=False)
-    return engine
 
 
 def step_metrics(window: list[StepResult], batches: WorkerBatches, world: int, peak: float, device) -> dict:

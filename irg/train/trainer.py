@@ -88,7 +88,8 @@ def run_stage(cfg: TrainConfig, parent_run_id: str | None = None) -> StageResult
         raise
     client.set_tag(run_id, "irg.model_uri", model_uri)
     client.set_terminated(run_id, "FINISHED")
-    return StageResult(cfg.stage, run_id, checkpoint.path, model_uri, dict(result.metrics or {}))
+    return StageResult(stage=cfg.stage, run_id=run_id, checkpoint_path=checkpoint.path, model_uri=model_uri,
+                       metrics=dict(result.metrics or {}))
 
 
 def run_irgl(stage_configs: dict[int, TrainConfig], job_name: str, register: bool = True):
