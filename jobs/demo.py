@@ -23,6 +23,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from irg.console import Bar, Console, first_line, library_output_to
@@ -40,6 +41,8 @@ def main() -> int:
     parser.add_argument("--name", default="irgl-demo", help="run name (the same name resumes)")
     parser.add_argument("--eval-prompts", type=int, default=12, help="shapes-world prompts to evaluate")
     args = parser.parse_args()
+    # The embedded store is started to outlive the demo (`irg store down` stops it): not a leak.
+    warnings.filterwarnings("ignore", r"subprocess \d+ is still running", ResourceWarning)
     log_path = args.out / "demo.log"
     with library_output_to(log_path) as terminal:
         log_path = shown(log_path)
