@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -218,16 +217,12 @@ def generate(args: argparse.Namespace) -> int:
 
 def store_up(args: argparse.Namespace) -> int:
     from irg import embedded_store
-    from irg.storage import embedded_client_path
 
     config = embedded_store.local_config(args.port, args.bucket) if args.bucket else None
     status = embedded_store.up(args.data_dir, config=config, s3_port=args.port)
     print(status)
     if args.data_dir is None:  # the default store becomes every command's default
-        client = embedded_client_path()
-        fd = os.open(client, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(status.config.to_dict(), f, indent=2)
+        client = embedded_store.make_default(status.config)
         print(f"client settings in {client} (used when no other store is configured); for other tools:")
         for key, value in status.config.env().items():
             print(f"  export {key}={value}")
@@ -236,11 +231,10 @@ def store_up(args: argparse.Namespace) -> int:
 
 def store_down(args: argparse.Namespace) -> int:
     from irg import embedded_store
-    from irg.storage import embedded_client_path
 
     print(embedded_store.down(args.data_dir))
     if args.data_dir is None:
-        embedded_client_path().unlink(missing_ok=True)
+        embedded_store.forget_default()
     return 0
 
 

@@ -22,6 +22,7 @@ anything else.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -45,6 +46,7 @@ from irg.storage import (
     SECRET_KEY_ENV,
     SESSION_TOKEN_ENV,
     StoreConfig,
+    embedded_client_path,
     irg_home,
 )
 
@@ -463,6 +465,22 @@ class StoreStatus:
         return f"store in {self.data_dir}: {state}{detail}"
 
 
+def make_default(config: StoreConfig) -> Path:
+    """Make ``config`` (the default store's) every command's store when no other is configured: its
+    client file (owner-only, it holds the keys), which :meth:`StoreConfig.load` falls back to."""
+    client = embedded_client_path()
+    client.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(client, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    return client
+
+
+def forget_default() -> None:
+    """Undo :func:`make_default` (the store stopped)."""
+    embedded_client_path().unlink(missing_ok=True)
+
+
 def default_data_dir() -> Path:
     """``$IRG_HOME/store``, ``IRG_HOME`` defaulting to ``~/.irg``."""
     return irg_home() / "store"
@@ -477,6 +495,14 @@ def local_config(s3_port: int = DEFAULT_S3_PORT, bucket: str | None = None,
 
 # Processes started by this interpreter, so that :func:`down` can reap them (no zombies).
 _children: dict[int, subprocess.Popen] = {}
+
+
+@atexit.register
+def _release_children() -> None:
+    """A store started here outlives the interpreter by design. Let go of its handles while the usual
+    warning filters still apply: left to interpreter teardown, each would print a ResourceWarning
+    that the process "is still running"."""
+    _children.clear()
 
 
 def up(data_dir: str | os.PathLike | None = None, config: StoreConfig | None = None,

@@ -18,12 +18,10 @@ stages return at once, finished samples are not drawn again.
 import argparse
 import base64
 import contextlib
-import io
 import json
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from irg.console import Bar, Console, first_line, library_output_to
@@ -41,8 +39,6 @@ def main() -> int:
     parser.add_argument("--name", default="irgl-demo", help="run name (the same name resumes)")
     parser.add_argument("--eval-prompts", type=int, default=12, help="shapes-world prompts to evaluate")
     args = parser.parse_args()
-    # The embedded store is started to outlive the demo (`irg store down` stops it): not a leak.
-    warnings.filterwarnings("ignore", r"subprocess \d+ is still running", ResourceWarning)
     log_path = args.out / "demo.log"
     with library_output_to(log_path) as terminal:
         log_path = shown(log_path)
@@ -98,20 +94,16 @@ def demo(args: argparse.Namespace, console: Console) -> None:
 def object_store_and_data(rows: int) -> tuple[str, str, str]:
     """The embedded store up (idempotent; it becomes the default store) and the synthetic data on it.
     Returns the store's status line, the data's URI and what was done about it."""
-    from irg import cli, storage
+    from irg import embedded_store, storage
     from irg.data.synth import write_synthetic
 
-    said, errors = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(errors):
-        code = cli.main(["store", "up"])
-    print(said.getvalue() + errors.getvalue())  # into the log
-    if code != 0:
-        raise RuntimeError(errors.getvalue().strip() or "the embedded object store did not start")
-    data = storage.StoreConfig.load().uri("demo", "irgl-synth")
-    if storage.exists(storage.join(data, "improving_full_learning")):
-        return said.getvalue().splitlines()[0], data, "kept from an earlier run"
+    status = embedded_store.up()  # what `irg store up` does
+    embedded_store.make_default(status.config)
+    data = status.config.uri("demo", "irgl-synth")
+    if storage.exists(storage.join(data, "improving_full_learning"), status.config):
+        return str(status), data, "kept from an earlier run"
     written = write_synthetic(data, rows=rows, seed=0, image_size=64)
-    return said.getvalue().splitlines()[0], data, f"{sum(written.values())} rows written"
+    return str(status), data, f"{sum(written.values())} rows written"
 
 
 def train(name: str, data: str, console: Console):
@@ -144,6 +136,8 @@ def stage_step(cfg):
     import mlflow
     from mlflow import MlflowClient
 
+    from irg import tracking
+
     since_ms, found = int(time.time() * 1000), {}
 
     def poll():
@@ -152,11 +146,10 @@ def stage_step(cfg):
         client = MlflowClient()
         if "run" not in found:
             exp = client.get_experiment_by_name(cfg.tracking.experiment)
-            runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{cfg.run_name}'",
-                                      max_results=1) if exp else []
-            if not runs:
+            run = tracking.find_run(client, exp.experiment_id, cfg.run_name) if exp else None
+            if run is None:
                 return 0
-            found["run"] = runs[0].info.run_id
+            found["run"] = run.info.run_id
         info = client.get_run(found["run"]).info
         finished = info.status == "FINISHED" and (info.end_time or 0) >= since_ms
         history = client.get_metric_history(found["run"], "loss")
