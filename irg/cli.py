@@ -32,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="think, draw, reflect and draw again for one prompt")
-    gen.add_argument("--model", required=True, help="checkpoint folder or s3:// URI in the official BAGEL layout")
+    gen.add_argument("--model", required=True, help="checkpoint folder or s3:// URI in the official BAGEL layout, "
+                     "or irg:NAME (a model the package ships, e.g. irg:shapes)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--out", required=True, type=Path, help="output folder (round PNGs + trace.json)")
-    # Generation settings left unset take the pipeline's defaults (irg.pipeline.DEFAULTS); the CLI does
-    # not restate them (nor import torch to print them).
+    # Generation settings left unset take the model's defaults (its generation_config.json, else
+    # irg.pipeline.DEFAULTS); the CLI does not restate them (nor import torch to print them).
     gen.add_argument("--size", type=parse_size, help="N or WIDTHxHEIGHT, multiples of 16")
     gen.add_argument("--steps", type=int, help="flow timesteps per image")
     gen.add_argument("--rounds", type=int, help="images to draw; round 2+ follow a reflection")
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-think-tokens", type=int, help="think budget per round")
     gen.add_argument("--think-temperature", type=float)
     gen.set_defaults(func=generate)
-    gen.epilog = "Settings of `irg generate` left out take the pipeline's defaults (irg.pipeline.DEFAULTS)."
+    gen.epilog = ("Settings of `irg generate` left out take the model's defaults: its generation_config.json, "
+                  "else the pipeline's (irg.pipeline.DEFAULTS).")
 
     store = commands.add_parser("store", help="the embedded S3-compatible object store (SeaweedFS on 127.0.0.1)")
     store_commands = store.add_subparsers(dest="store_command", required=True)
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--alias", default="champion")
     promote.set_defaults(func=registry_promote)
     register = registry_commands.add_parser("register", help="log a BAGEL-layout checkpoint and register it")
-    register.add_argument("model", help="checkpoint folder or s3:// URI")
+    register.add_argument("model", help="checkpoint folder, s3:// URI or irg:NAME")
     register.add_argument("name", help="registered model name")
     register.set_defaults(func=registry_register)
 
@@ -163,7 +165,7 @@ def generate(args: argparse.Namespace) -> int:
 
     from irg.device import resolve_device, resolve_dtype
     from irg.model.checkpoint import read_config
-    from irg.pipeline import IRGPipeline, validate_request
+    from irg.pipeline import IRGPipeline, model_defaults, validate_request
 
     width, height = args.size or (None, None)
     # Everything that can be checked without the weights is checked before loading them.
@@ -172,9 +174,10 @@ def generate(args: argparse.Namespace) -> int:
         dtype = resolve_dtype(args.dtype, device, "--dtype")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    request = validate_request(read_config(args.model), args.prompt, height=height, width=width,
-                               num_steps=args.steps, rounds=args.rounds, seed=args.seed,
-                               max_think_tokens=args.max_think_tokens, think_temperature=args.think_temperature)
+    config = read_config(args.model)
+    request = validate_request(config, args.prompt, height=height, width=width, num_steps=args.steps,
+                               rounds=args.rounds, seed=args.seed, max_think_tokens=args.max_think_tokens,
+                               think_temperature=args.think_temperature, defaults=model_defaults(args.model, config))
     pipe = IRGPipeline.from_pretrained(args.model, device=device, dtype=dtype)
     bar = tqdm(total=request.rounds * (request.num_steps - 1), unit="step", desc="round 1: thinking")
 

@@ -22,16 +22,16 @@ from mlflow import MlflowClient
 from irg import storage, tracking
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+DEFAULT_SEED = 0  # a prediction without a seed is repeatable
 
 
-def generation_params() -> dict:
-    """The generation settings a caller may pass as MLflow params, with the pipeline's defaults (the
-    logged signature needs a value of each type)."""
-    from irg.pipeline import DEFAULTS
-
-    return {"height": DEFAULTS.height, "width": DEFAULTS.width, "num_steps": DEFAULTS.num_steps,
-            "rounds": DEFAULTS.rounds, "seed": 0, "max_think_tokens": DEFAULTS.max_think_tokens,
-            "think_temperature": DEFAULTS.think_temperature}
+def generation_params(defaults) -> dict:
+    """The generation settings a caller may pass as MLflow params, with the model's defaults (an
+    :class:`irg.pipeline.GenerationDefaults`): the logged signature needs a value of each type, and
+    MLflow fills in those a caller leaves out."""
+    return {"height": defaults.height, "width": defaults.width, "num_steps": defaults.num_steps,
+            "rounds": defaults.rounds, "seed": DEFAULT_SEED, "max_think_tokens": defaults.max_think_tokens,
+            "think_temperature": float(defaults.think_temperature)}  # a file may say 0: the param is a float
 
 
 class IRGModel(mlflow.pyfunc.PythonModel):
@@ -50,8 +50,9 @@ class IRGModel(mlflow.pyfunc.PythonModel):
             prompts = [model_input]
         else:
             prompts = [str(p) for p in model_input]
-        settings = {**generation_params(), **(params or {})}
-        outputs = self.pipe(prompts, **settings)
+        # What the params leave out is the loaded model's default (MLflow passes the signature's, which
+        # log_model took from the same checkpoint).
+        outputs = self.pipe(prompts, **{"seed": DEFAULT_SEED, **(params or {})})
         return pd.DataFrame({
             "prompt": prompts,
             "texts": [list(o.texts) for o in outputs],
@@ -78,11 +79,16 @@ def requirements() -> list[str]:
 
 
 def log_model(model_uri: str, registered_model_name: str, run_id: str | None = None):
-    """Log the BAGEL checkpoint at ``model_uri`` (folder or s3://) as a pyfunc in ``run_id`` (or a new
-    run) and register it; returns the new ``ModelVersion``."""
+    """Log the BAGEL checkpoint at ``model_uri`` (folder, s3:// or irg:NAME) as a pyfunc in ``run_id``
+    (or a new run) and register it; returns the new ``ModelVersion``."""
     from mlflow.models import infer_signature
 
-    signature = infer_signature(pd.DataFrame({"prompt": ["a red cube"]}), params=generation_params())
+    from irg.model.checkpoint import resolve_model
+    from irg.pipeline import model_defaults
+
+    model_uri = resolve_model(model_uri)
+    params = generation_params(model_defaults(model_uri))
+    signature = infer_signature(pd.DataFrame({"prompt": ["a red cube"]}), params=params)
     with tempfile.TemporaryDirectory() as tmp:
         local = _local_copy(model_uri, os.path.join(tmp, CHECKPOINT_ARTIFACT))
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
@@ -139,8 +145,9 @@ def list_models(name: str | None = None) -> list[dict]:
 
 
 def checkpoint_path(model: str) -> str:
-    """A checkpoint folder/URI for ``model``: itself, or for ``models:/NAME@ALIAS`` (or ``/VERSION``) the
-    registered checkpoint, downloaded from the registry."""
+    """A checkpoint folder/URI for ``model``: itself (a folder, URI or ``irg:NAME``, which the checkpoint
+    readers resolve), or for ``models:/NAME@ALIAS`` (or ``/VERSION``) the registered checkpoint,
+    downloaded from the registry."""
     if not model.startswith("models:/"):
         return model
     tracking.configure()

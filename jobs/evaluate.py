@@ -19,23 +19,22 @@ from irg.eval.benchmarks import BENCHMARKS
 from irg.eval.generate import GenerationSettings
 from irg.eval.run import EXPERIMENT, EvalConfig, evaluate
 from irg.eval.scorer_settings import SCORERS, ScorerSettings
-from irg.pipeline import DEFAULTS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint folder, s3:// URI or models:/NAME@ALIAS")
+    parser.add_argument("--model", required=True, help="checkpoint folder, s3:// URI, irg:NAME or models:/NAME@ALIAS")
     parser.add_argument("--benchmark", default="shapes", help=f"{', '.join(BENCHMARKS)} or a GenEval-format .jsonl")
     parser.add_argument("--name", help="evaluation name (default: <benchmark>-<model>); reuse it to resume")
     parser.add_argument("--output", help="folder or s3:// URI (default: <store>/eval/<name>)")
     parser.add_argument("--limit", type=int, help="first N prompts (shapes: N prompts drawn from --seed)")
-    gen = parser.add_argument_group("generation")
-    gen.add_argument("--size", type=int, default=DEFAULTS.height, help="image side in pixels (multiple of 16)")
-    gen.add_argument("--steps", type=int, default=DEFAULTS.num_steps)
-    gen.add_argument("--rounds", type=int, default=DEFAULTS.rounds)
+    gen = parser.add_argument_group("generation", "settings left out take the model's defaults")
+    gen.add_argument("--size", type=int, help="image side in pixels (multiple of 16)")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--rounds", type=int)
     gen.add_argument("--samples", type=int, default=1, help="images per prompt (GenEval's protocol: 4)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--max-think-tokens", type=int, default=DEFAULTS.max_think_tokens)
+    gen.add_argument("--max-think-tokens", type=int)
     gen.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on GPU, fp32 on the CPU")
     gen.add_argument("--workers", type=int, help="generator actors (default: one per GPU, else one)")
     gen.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call")

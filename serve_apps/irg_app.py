@@ -91,6 +91,10 @@ class Generator:
         return {"id": self.model_name, "object": "model", "owned_by": "irg",
                 "pixels_per_latent_token": self.pipe.config.pixels_per_latent_token}
 
+    def limits(self) -> dict:
+        """Each body field's bounds and the loaded model's defaults (``GET /v1/limits``)."""
+        return body_limits(self.pipe.defaults)
+
     def check(self, body: dict) -> None:
         """Raise ValueError naming the field if ``body`` cannot be generated (no model work)."""
         self._request(body)
@@ -170,7 +174,8 @@ class Generator:
 
     def _request(self, body: dict):
         try:
-            return GenerationBody(**body).to_request(self.pipe.config, default_seed=int(time.time()))
+            return GenerationBody(**body).to_request(self.pipe.config, default_seed=int(time.time()),
+                                                     defaults=self.pipe.defaults)
         except InvalidRequestError as e:
             raise ValueError(str(e)) from None
 
@@ -208,7 +213,7 @@ class Ingress:
     @api.get("/v1/limits")
     async def limits(self) -> dict:
         """Each body field's default and bounds (the playground's form takes its own from here)."""
-        return body_limits()
+        return await self.generator.limits.remote()
 
     @api.get("/v1/models")
     async def models(self) -> dict:

@@ -25,28 +25,28 @@ from PIL import Image
 from irg import storage
 from irg.device import dtype_name
 from irg.eval.benchmarks import EvalPrompt
-from irg.pipeline.request import DEFAULTS
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What decides the images; stored with the samples so a re-run cannot mix settings. Defaults are
-    the pipeline's (:data:`irg.pipeline.DEFAULTS`)."""
+    """What decides the images; stored with the samples so a re-run cannot mix settings. None is the
+    model's default (:attr:`irg.pipeline.IRGPipeline.defaults`); an evaluation fills those in from
+    the model before it stores them (:func:`irg.eval.run.evaluate`)."""
 
-    height: int = DEFAULTS.height
-    width: int = DEFAULTS.width
-    steps: int = DEFAULTS.num_steps
-    rounds: int = DEFAULTS.rounds
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    rounds: int | None = None
     samples: int = 1  # images per prompt (GenEval's protocol uses 4)
     seed: int = 0
-    max_think_tokens: int = DEFAULTS.max_think_tokens
-    think_temperature: float = DEFAULTS.think_temperature
+    max_think_tokens: int | None = None
+    think_temperature: float | None = None
     dtype: str = "auto"  # see irg.device: bf16 on GPU, fp32 on the CPU
 
     def __post_init__(self):
-        if self.samples < 1 or self.rounds < 1:
+        if self.samples < 1 or (self.rounds is not None and self.rounds < 1):
             raise ValueError(f"samples and rounds must be >= 1, got {self.samples} and {self.rounds}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))  # one spelling in the stored claim
 

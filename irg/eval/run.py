@@ -8,6 +8,7 @@ refused, so one report never mixes two configurations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -25,12 +26,12 @@ EXPERIMENT = "irg-eval"
 
 @dataclass
 class EvalConfig:
-    model: str  # checkpoint folder, s3:// URI or models:/NAME@ALIAS
+    model: str  # checkpoint folder, s3:// URI, irg:NAME or models:/NAME@ALIAS
     benchmark: str = "shapes"  # geneval | wise | shapes | a GenEval-format .jsonl
     name: str | None = None  # default: <benchmark>-<model>
     output: str | None = None  # default: <store>/eval/<name>, else $IRG_HOME/eval/<name>
     limit: int | None = None
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # None: the model's
     scorer: ScorerSettings | None = None  # default: the benchmark's own
     workers: int | None = None  # generator actors (default: one per GPU, else one)
     batch_size: int = 4
@@ -60,7 +61,7 @@ def evaluate(cfg: EvalConfig) -> Report:
     from irg.registry import checkpoint_uri
 
     model_path = checkpoint_uri(cfg.model)
-    _check_settings(model_path, cfg.generation)
+    cfg = dataclasses.replace(cfg, generation=resolve_settings(model_path, cfg.generation))
     _claim_output(cfg)
     tracker = _Tracker(cfg)
     import ray
@@ -124,14 +125,20 @@ class ImageScorer:
                 "details": [json.dumps(v.details) for v in verdicts]}
 
 
-def _check_settings(model_path: str, settings: GenerationSettings) -> None:
-    """The generation settings against the model's config, before any worker starts."""
+def resolve_settings(model_path: str, settings: GenerationSettings) -> GenerationSettings:
+    """The settings with the model's defaults in place of None, checked against its config before any
+    worker starts: what the evaluation stores and reports names every value it generated with."""
     from irg.model.checkpoint import read_config
-    from irg.pipeline import validate_request
+    from irg.pipeline import model_defaults, validate_request
 
-    validate_request(read_config(model_path), "a prompt", height=settings.height, width=settings.width,
-                     num_steps=settings.steps, rounds=settings.rounds, max_think_tokens=settings.max_think_tokens,
-                     think_temperature=settings.think_temperature)
+    config = read_config(model_path)
+    request = validate_request(config, "a prompt", height=settings.height, width=settings.width,
+                               num_steps=settings.steps, rounds=settings.rounds,
+                               max_think_tokens=settings.max_think_tokens, think_temperature=settings.think_temperature,
+                               defaults=model_defaults(model_path, config))
+    return dataclasses.replace(settings, height=request.height, width=request.width, steps=request.num_steps,
+                               rounds=request.rounds, max_think_tokens=request.max_think_tokens,
+                               think_temperature=request.think_temperature)
 
 
 def _claim_output(cfg: EvalConfig) -> None:

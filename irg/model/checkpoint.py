@@ -2,7 +2,11 @@
 
 Layout: ``llm_config.json``, ``vit_config.json``, ``ema.safetensors`` (the whole unified model),
 ``ae.safetensors`` (FLUX autoencoder), tokenizer files; optional ``ae_config.json`` (autoencoder
-widths, when not the real FLUX ones) and ``bagel_config.json`` (latent grid, patch sizes).
+widths, when not the real FLUX ones), ``bagel_config.json`` (latent grid, patch sizes) and
+``generation_config.json`` (the model's default generation settings, read by :mod:`irg.pipeline.request`).
+
+A model path is a folder, an ``s3://`` URI or ``irg:NAME``, a model the package ships in
+``irg/models/NAME`` (:func:`resolve_model`, which every reader here calls).
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,11 +29,15 @@ from irg.model.bagel import Bagel
 from irg.model.config import BagelConfig
 from irg.model.safetensors_stream import SafetensorsReader, write_safetensors
 
+PACKAGED_MODELS = Path(__file__).resolve().parent.parent / "models"  # irg/models: what irg:NAME names
+PACKAGED_PREFIX = "irg:"
+GENERATION_CONFIG = "generation_config.json"
+MODEL_CONFIG_FILES = ("llm_config.json", "vit_config.json", "ae_config.json", "bagel_config.json")
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
 TOKENIZER_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "generation_config.json", "chat_template.jinja",
+    "added_tokens.json", GENERATION_CONFIG, "chat_template.jinja",
 )
 
 
@@ -44,6 +53,30 @@ class Pretrained:
     autoencoder: AutoEncoder
     tokenizer: Any
     config: BagelConfig
+    generation_config: dict = field(default_factory=dict)  # generation_config.json as written ({}: none)
+
+
+def packaged_models() -> list[str]:
+    """The names ``irg:NAME`` may take: the model folders installed under ``irg/models``."""
+    if not PACKAGED_MODELS.is_dir():
+        return []
+    return sorted(p.name for p in PACKAGED_MODELS.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+
+
+def resolve_model(path: str | os.PathLike) -> str:
+    """The folder or URI a model path names: ``irg:NAME`` is the package's ``irg/models/NAME``; any
+    other path is itself. Every reader of this module calls it, so ``irg:NAME`` works wherever a
+    checkpoint path does."""
+    path = str(path)
+    if not path.startswith(PACKAGED_PREFIX):
+        return path
+    name = path.removeprefix(PACKAGED_PREFIX)
+    known = packaged_models()
+    if name not in known:
+        installed = f"packaged models: {', '.join(known)}" if known else "no packaged model is installed"
+        raise FileNotFoundError(f"model {path} is not installed: {PACKAGED_MODELS} has no folder {name!r} "
+                                f"({installed})")
+    return str(PACKAGED_MODELS / name)
 
 
 def read_config(path: str | os.PathLike) -> BagelConfig:
@@ -51,7 +84,7 @@ def read_config(path: str | os.PathLike) -> BagelConfig:
 
     Checks that every file of the layout is there, so a broken checkpoint fails before any loading.
     """
-    path = str(path)
+    path = resolve_model(path)
     for name in REQUIRED_FILES:
         if not storage.exists(storage.join(path, name)):
             raise FileNotFoundError(f"checkpoint {path!r} has no {name} (expected the official BAGEL layout)")
@@ -65,7 +98,7 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype = 
                     model_weights: dict[str, torch.Tensor] | None = None) -> Pretrained:
     """The checkpoint at ``path``; ``model_weights`` (a full state dict, e.g. trained EMA weights)
     replaces its ``ema.safetensors`` while the autoencoder, tokenizer and configs still come from it."""
-    path = str(path)
+    path = resolve_model(path)
     config = read_config(path)
     tokenizer = load_tokenizer(path)
     start_id, end_id = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
@@ -83,12 +116,18 @@ def load_pretrained(path: str | os.PathLike, device="cpu", dtype: torch.dtype = 
     load_weights(autoencoder, storage.join(path, "ae.safetensors"), device, dtype)
     model.eval()
     autoencoder.eval().requires_grad_(False)
-    return Pretrained(model, autoencoder, tokenizer, config)
+    return Pretrained(model, autoencoder, tokenizer, config, read_generation_config(path))
 
 
-def _read_configs(path: str) -> dict[str, dict]:
+def read_generation_config(path: str | os.PathLike) -> dict:
+    """The checkpoint's ``generation_config.json`` as written, {} when it has none. What its keys mean
+    is the pipeline's business (:meth:`irg.pipeline.GenerationDefaults.from_generation_config`)."""
+    return _read_configs(resolve_model(path), (GENERATION_CONFIG,)).get(GENERATION_CONFIG, {})
+
+
+def _read_configs(path: str, names: tuple[str, ...] = MODEL_CONFIG_FILES) -> dict[str, dict]:
     files = {}
-    for name in ("llm_config.json", "vit_config.json", "ae_config.json", "bagel_config.json"):
+    for name in names:
         uri = storage.join(path, name)
         if storage.exists(uri):
             with storage.open_file(uri, "r") as f:
@@ -96,13 +135,16 @@ def _read_configs(path: str) -> dict[str, dict]:
                     files[name] = json.load(f)
                 except json.JSONDecodeError as e:
                     raise CheckpointError(f"{uri}: invalid JSON ({e})") from None
+            if not isinstance(files[name], dict):
+                raise CheckpointError(f"{uri}: expected a JSON object, got {type(files[name]).__name__}")
     return files
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str | os.PathLike):
     """The checkpoint's Hugging Face tokenizer (remote files are copied to a temporary folder first)."""
     from transformers import AutoTokenizer
 
+    path = resolve_model(path)
     if not storage.is_remote(path):
         return AutoTokenizer.from_pretrained(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,9 +199,11 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def save_pretrained(
-    path: str | os.PathLike, model: Bagel, autoencoder: AutoEncoder, tokenizer, dtype: torch.dtype | None = None
+    path: str | os.PathLike, model: Bagel, autoencoder: AutoEncoder, tokenizer, dtype: torch.dtype | None = None,
+    generation_config: dict | None = None,
 ) -> None:
-    """Write the official layout (plus ``ae_config.json`` and ``bagel_config.json``) to a folder or URI.
+    """Write the official layout (plus ``ae_config.json`` and ``bagel_config.json``) to a folder or URI,
+    and ``generation_config.json`` when ``generation_config`` is not empty.
 
     The tokenizer is required: a checkpoint without one cannot be loaded.
     """
@@ -176,8 +220,11 @@ def save_pretrained(
         "image_start_token_id": config.image_start_token_id, "image_end_token_id": config.image_end_token_id,
         "vae_image_min_size": config.vae_image_min_size, "vit_image_min_size": config.vit_image_min_size,
     }
-    for name, content in (("llm_config.json", llm), ("vit_config.json", config.vit.to_hf_dict()),
-                          ("ae_config.json", asdict(config.ae)), ("bagel_config.json", bagel)):
+    files = [("llm_config.json", llm), ("vit_config.json", config.vit.to_hf_dict()),
+             ("ae_config.json", asdict(config.ae)), ("bagel_config.json", bagel)]
+    if generation_config:
+        files.append((GENERATION_CONFIG, generation_config))
+    for name, content in files:
         with storage.open_file(storage.join(path, name), "w") as f:
             json.dump(content, f, indent=2)
     for name, module in (("ema.safetensors", model), ("ae.safetensors", autoencoder)):

@@ -10,9 +10,11 @@ from irg.pipeline.request import (
     GenerationLimits,
     GenerationRequest,
     InvalidRequestError,
+    model_defaults,
     validate_request,
 )
 from irg.pipeline.settings import RoundSettings
 
 __all__ = ["DEFAULTS", "LIMITS", "SYSTEM_PROMPT", "GenerationDefaults", "GenerationLimits", "GenerationRequest",
-           "IRGOutput", "IRGPipeline", "InvalidRequestError", "PipelineEvent", "RoundSettings", "validate_request"]
+           "IRGOutput", "IRGPipeline", "InvalidRequestError", "PipelineEvent", "RoundSettings", "model_defaults",
+           "validate_request"]

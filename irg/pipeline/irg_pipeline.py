@@ -24,7 +24,7 @@ from irg.model import KVCache, load_pretrained, save_pretrained
 from irg.model.latents import grid_position_ids, patchify_latent, unpatchify_latent
 from irg.pipeline.events import PipelineEvent
 from irg.pipeline.flow import StepResult, sample_flow
-from irg.pipeline.request import GenerationRequest, validate_request
+from irg.pipeline.request import DEFAULTS, GenerationDefaults, GenerationRequest, model_defaults, validate_request
 from irg.pipeline.settings import RoundSettings
 from irg.pipeline.text import next_tokens
 from irg.transforms import ImageTransform, patchify_image
@@ -53,26 +53,33 @@ class _Conversation:
 
 
 class IRGPipeline:
-    def __init__(self, model, autoencoder, tokenizer):
+    def __init__(self, model, autoencoder, tokenizer, defaults: GenerationDefaults = DEFAULTS):
+        """``defaults``: what a call gets for the arguments it leaves out (the checkpoint's, see
+        :func:`~irg.pipeline.request.model_defaults`)."""
         self.model = model
         self.autoencoder = autoencoder
         self.tokenizer = tokenizer
         self.config = model.config
+        self.defaults = defaults
         self.im_start, self.im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
         self._system_caches: dict[tuple, KVCache] = {}
 
     @classmethod
     def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"):
-        """Load a checkpoint in the official BAGEL layout from a folder or an ``s3://`` URI.
+        """Load a checkpoint in the official BAGEL layout from a folder, an ``s3://`` URI or ``irg:NAME``
+        (a model the package ships), with its generation defaults (its ``generation_config.json``).
 
         ``device`` and ``dtype`` take names or torch objects (see :mod:`irg.device`); float32 unless
         told otherwise, as in diffusers; ``dtype="auto"`` is bfloat16 on CUDA and float32 on the CPU."""
         device = resolve_device(device)
         pretrained = load_pretrained(path, device=device, dtype=resolve_dtype(dtype, device))
-        return cls(pretrained.model, pretrained.autoencoder, pretrained.tokenizer)
+        defaults = model_defaults(path, pretrained.config, pretrained.generation_config)
+        return cls(pretrained.model, pretrained.autoencoder, pretrained.tokenizer, defaults)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
-        save_pretrained(path, self.model, self.autoencoder, self.tokenizer, dtype=dtype)
+        """The official layout, with ``generation_config.json`` when the defaults are not the reference's."""
+        save_pretrained(path, self.model, self.autoencoder, self.tokenizer, dtype=dtype,
+                        generation_config=self.defaults.generation_config())
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> IRGPipeline:
         """Move to a device and/or dtype, given as names or torch objects (see :mod:`irg.device`)."""
@@ -107,10 +114,10 @@ class IRGPipeline:
         a generated one; for a batch one list per prompt), ``init_noise[r]`` ([N, 64] or [B, N, 64]),
         ``vae_encode_noise[r]``, ``round_settings[r]`` (overrides of :class:`RoundSettings`),
         ``vae_transform`` / ``vit_transform`` ((max, min, stride) to feed an image back),
-        ``think_temperature``, ``max_think_tokens``, ``system_prompt``. ``callback`` receives
-        :class:`PipelineEvent`s as the generation goes.
+        ``think_temperature``, ``max_think_tokens``, ``system_prompt``; left out, :attr:`defaults`.
+        ``callback`` receives :class:`PipelineEvent`s as the generation goes.
         """
-        request = validate_request(self.config, prompt, **kwargs)
+        request = validate_request(self.config, prompt, defaults=self.defaults, **kwargs)
         outputs = self.generate(request, callback)
         return outputs[0] if request.single else outputs
 

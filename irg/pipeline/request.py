@@ -1,16 +1,19 @@
 """Validation of a generation request, separate from the model so that a CLI or a server can reject
 bad input from the model's configuration alone, before loading or running anything.
 
-This module owns what a request gets when it does not say (:data:`DEFAULTS`) and how far it may go
-(:data:`LIMITS`): the CLI, Serve and training samples pass None for what their user did not set; the
-registry's pyfunc signature and evaluation's stored settings, which need concrete values, copy them
-from :data:`DEFAULTS`; Serve's bounds are :data:`LIMITS`. The
+This module owns what a request gets when it does not say and how far it may go (:data:`LIMITS`).
+The defaults are the model's: a checkpoint's optional ``generation_config.json`` over the IRG
+reference settings (:data:`DEFAULTS`), see :func:`model_defaults`. Every front end (the CLI, Serve,
+evaluation, training samples, the registry's pyfunc) passes None for what its user did not set and
+the loaded model's :class:`GenerationDefaults` fill it in; Serve's bounds are :data:`LIMITS`. The
 image transforms that feed a round's image back default to the checkpoint's own
 (:attr:`BagelConfig.vae_transform`, :attr:`BagelConfig.vit_transform`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +21,14 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from irg import storage
+from irg.model.checkpoint import (
+    GENERATION_CONFIG,
+    CheckpointError,
+    read_config,
+    read_generation_config,
+    resolve_model,
+)
 from irg.model.config import BagelConfig
 from irg.pipeline.prompts import SYSTEM_PROMPT
 from irg.pipeline.settings import RoundSettings, default_round_settings
@@ -26,7 +37,8 @@ from irg.transforms import ImageTransform
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    """The IRG reference settings, for whatever a request leaves unset."""
+    """What a request gets for whatever it leaves unset: the IRG reference settings unless the model's
+    ``generation_config.json`` says otherwise (:meth:`from_generation_config`)."""
 
     height: int = 1024
     width: int = 1024
@@ -34,6 +46,48 @@ class GenerationDefaults:
     rounds: int = 2  # the paper found 2 best
     think_temperature: float = 0.3
     max_think_tokens: int = 1000  # the reference's max_length for a think
+    system_prompt: str = SYSTEM_PROMPT
+    # Per round, overrides of RoundSettings under the request's own; the last entry also holds for the
+    # rounds after it, as the library's round-2 settings do for every later round.
+    round_settings: tuple[dict, ...] = ()
+
+    @classmethod
+    def from_generation_config(cls, values: dict, config: BagelConfig,
+                               source: str = GENERATION_CONFIG) -> GenerationDefaults:
+        """The defaults a ``generation_config.json`` holds, over the reference ones, checked with the
+        rules and limits of a request against ``config`` so a bad file fails when the model loads.
+
+        Keys of Hugging Face's ``GenerationConfig`` (an official BAGEL checkpoint carries Qwen2.5's
+        text-sampling file under the same name) are passed over; any other unknown key is an error,
+        so that a typo is never silently ignored. Errors name ``source`` and the key."""
+        ours = {f.name for f in dataclasses.fields(cls)}
+        others = set(values) - ours
+        if others:
+            from transformers import GenerationConfig
+
+            unknown = sorted(others - set(GenerationConfig().to_dict()))
+            if unknown:
+                raise CheckpointError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(ours))})")
+        round_settings = values.get("round_settings", [])
+        if (not isinstance(round_settings, list) or len(round_settings) > LIMITS.max_rounds
+                or not all(isinstance(r, dict) for r in round_settings)):
+            raise CheckpointError(f"{source}: round_settings: must be a list of at most {LIMITS.max_rounds} "
+                                  f"objects (one per round), got {round_settings!r}")
+        defaults = cls(**{k: v for k, v in values.items() if k in ours - {"round_settings"}},
+                       round_settings=tuple(round_settings))
+        # Checked as a request using them would be, over every round the file names (even past its rounds).
+        rounds = max(defaults.rounds, len(round_settings)) if _is_int(defaults.rounds) else None
+        try:
+            validate_request(config, "a prompt", rounds=rounds, defaults=defaults)
+        except InvalidRequestError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+        return defaults
+
+    def generation_config(self) -> dict:
+        """What differs from the reference settings, as ``generation_config.json`` holds it ({}: nothing)."""
+        reference = GenerationDefaults()
+        return {f.name: list(getattr(self, f.name)) if f.name == "round_settings" else getattr(self, f.name)
+                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(reference, f.name)}
 
 
 @dataclass(frozen=True)
@@ -48,6 +102,16 @@ class GenerationLimits:
 
 DEFAULTS = GenerationDefaults()
 LIMITS = GenerationLimits()
+
+
+def model_defaults(path: str | os.PathLike, config: BagelConfig | None = None,
+                   generation_config: dict | None = None) -> GenerationDefaults:
+    """The generation defaults of the checkpoint at ``path`` (a folder, URI or ``irg:NAME``), without
+    reading its weights; ``config`` and ``generation_config`` when already read (:class:`Pretrained`)."""
+    path = resolve_model(path)
+    config = read_config(path) if config is None else config
+    values = read_generation_config(path) if generation_config is None else generation_config
+    return GenerationDefaults.from_generation_config(values, config, storage.join(path, GENERATION_CONFIG))
 
 
 class InvalidRequestError(ValueError):
@@ -98,16 +162,19 @@ def validate_request(
     vit_transform: tuple[int, int, int] | None = None,
     think_temperature: float | None = None,
     max_think_tokens: int | None = None,
-    system_prompt: str = SYSTEM_PROMPT,
+    system_prompt: str | None = None,
+    defaults: GenerationDefaults = DEFAULTS,
 ) -> GenerationRequest:
     """Check every argument of :meth:`IRGPipeline.__call__` against the model configuration; None
-    means the default (:data:`DEFAULTS`, or the checkpoint's transforms)."""
-    height = DEFAULTS.height if height is None else height
-    width = DEFAULTS.width if width is None else width
-    num_steps = DEFAULTS.num_steps if num_steps is None else num_steps
-    rounds = DEFAULTS.rounds if rounds is None else rounds
-    think_temperature = DEFAULTS.think_temperature if think_temperature is None else think_temperature
-    max_think_tokens = DEFAULTS.max_think_tokens if max_think_tokens is None else max_think_tokens
+    means the default (``defaults``: the model's, see :func:`model_defaults`; or the checkpoint's
+    transforms). The request's ``round_settings`` apply over those of ``defaults``."""
+    height = defaults.height if height is None else height
+    width = defaults.width if width is None else width
+    num_steps = defaults.num_steps if num_steps is None else num_steps
+    rounds = defaults.rounds if rounds is None else rounds
+    think_temperature = defaults.think_temperature if think_temperature is None else think_temperature
+    max_think_tokens = defaults.max_think_tokens if max_think_tokens is None else max_think_tokens
+    system_prompt = defaults.system_prompt if system_prompt is None else system_prompt
     vae_transform = config.vae_transform if vae_transform is None else vae_transform
     vit_transform = config.vit_transform if vit_transform is None else vit_transform
     single = isinstance(prompt, str)
@@ -142,7 +209,7 @@ def validate_request(
         images=_per_prompt_rounds("images", images, Image.Image, single, len(prompts), rounds),
         init_noise=_per_round("init_noise", init_noise, rounds),
         vae_encode_noise=_per_round("vae_encode_noise", vae_encode_noise, rounds),
-        round_settings=_round_settings(round_settings, rounds),
+        round_settings=_round_settings(round_settings, defaults.round_settings, rounds),
         vae_transform=tuple(vae_transform), vit_transform=tuple(vit_transform),
         think_temperature=float(think_temperature), max_think_tokens=max_think_tokens, system_prompt=system_prompt,
     )
@@ -211,18 +278,21 @@ def _per_round(name: str, values, rounds: int) -> list:
         [None] * (rounds - len(values))
 
 
-def _round_settings(overrides, rounds: int) -> list[RoundSettings]:
+def _round_settings(overrides, model_overrides: Sequence[dict], rounds: int) -> list[RoundSettings]:
+    """Each round's settings: the library's, then the model's overrides, then the request's."""
     overrides = list(overrides or [])
     if len(overrides) > rounds:
         raise InvalidRequestError(f"round_settings: {len(overrides)} entries for {rounds} rounds")
     settings = []
     for r in range(rounds):
         override = overrides[r] if r < len(overrides) else None
+        model_override = model_overrides[min(r, len(model_overrides) - 1)] if model_overrides else {}
         try:
             if isinstance(override, RoundSettings):
                 settings.append(override)
             else:
-                settings.append(default_round_settings(r).with_overrides(dict(override or {})))
+                base = default_round_settings(r).with_overrides(dict(model_override))
+                settings.append(base.with_overrides(dict(override or {})))
         except (ValueError, TypeError) as e:
             raise InvalidRequestError(f"round_settings[{r}]: {e}") from None
     return settings

@@ -3,9 +3,9 @@
 No Ray here: the Serve application (``serve_apps/irg_app.py``) wires these to deployments. A body is
 checked twice before any model work: its fields by pydantic (types, ranges, unknown fields), then
 the whole request against the model configuration by :func:`irg.pipeline.validate_request`; both
-errors name the field. What a client leaves out is None here and gets the pipeline's default
-(:data:`irg.pipeline.DEFAULTS`); the bounds are the pipeline's (:data:`irg.pipeline.LIMITS`) except
-for the serving budgets that have no pipeline counterpart (images per request, prompt length).
+errors name the field. What a client leaves out is None here and gets the served model's default
+(:attr:`irg.pipeline.IRGPipeline.defaults`); the bounds are the pipeline's (:data:`irg.pipeline.LIMITS`)
+except for the serving budgets that have no pipeline counterpart (images per request, prompt length).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from irg.model import BagelConfig
-from irg.pipeline import DEFAULTS, LIMITS, GenerationRequest, PipelineEvent, validate_request
+from irg.pipeline import DEFAULTS, LIMITS, GenerationDefaults, GenerationRequest, PipelineEvent, validate_request
 
 # Serving budgets (no pipeline counterpart): what one HTTP request may ask for.
 MAX_PROMPT_CHARS = 4000
@@ -54,29 +54,30 @@ class GenerationBody(BaseModel):
         width, height = (int(p) for p in self.size.split("x"))
         return width, height
 
-    def to_request(self, config: BagelConfig, default_seed: int) -> GenerationRequest:
+    def to_request(self, config: BagelConfig, default_seed: int,
+                   defaults: GenerationDefaults = DEFAULTS) -> GenerationRequest:
         """The pipeline request (raises InvalidRequestError naming the field); what the body leaves
-        out is None and takes the pipeline's default."""
+        out is None and takes the model's default (``defaults``)."""
         width, height = self.width_height
         seed = self.seed if self.seed is not None else default_seed
         return validate_request(config, [self.prompt] * self.n, height=height, width=width, num_steps=self.steps,
                                 rounds=self.rounds, seed=[seed + i for i in range(self.n)],
-                                max_think_tokens=self.max_think_tokens)
+                                max_think_tokens=self.max_think_tokens, defaults=defaults)
 
 
-# The pipeline's default for each field a client may leave out (None in the body).
-_PIPELINE_DEFAULTS = {"size": f"{DEFAULTS.width}x{DEFAULTS.height}", "steps": DEFAULTS.num_steps,
-                      "rounds": DEFAULTS.rounds, "max_think_tokens": DEFAULTS.max_think_tokens}
 _BOUNDS = {"ge": "minimum", "le": "maximum", "min_length": "min_length", "max_length": "max_length"}
 
 
-def body_limits() -> dict[str, dict]:
+def body_limits(defaults: GenerationDefaults = DEFAULTS) -> dict[str, dict]:
     """Each body field's default and bounds, read off :class:`GenerationBody` (``GET /v1/limits``), so
-    that a form (the playground) offers what the server accepts and cannot drift from it."""
+    that a form (the playground) offers what the server accepts and cannot drift from it; a field the
+    client may leave out (None in the body) shows the served model's default (``defaults``)."""
+    left_out = {"size": f"{defaults.width}x{defaults.height}", "steps": defaults.num_steps,
+                "rounds": defaults.rounds, "max_think_tokens": defaults.max_think_tokens}
     fields = {}
     for name, field in GenerationBody.model_fields.items():
         entry = {key: getattr(m, attr) for m in field.metadata for attr, key in _BOUNDS.items() if hasattr(m, attr)}
-        default = _PIPELINE_DEFAULTS.get(name) if field.default is None else field.default
+        default = left_out.get(name) if field.default is None else field.default
         if not field.is_required() and default is not None:
             entry["default"] = default
         fields[name] = entry

@@ -21,7 +21,7 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1)  # a checkpoint folder, an s3:// URI or models:/NAME@ALIAS
+    model: str = Field(min_length=1)  # a checkpoint folder, an s3:// URI, irg:NAME or models:/NAME@ALIAS
     device: str = AUTO
     dtype: str = AUTO
     request_timeout_s: float = Field(600.0, gt=0)  # beyond it a request gets a 504

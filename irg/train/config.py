@@ -25,12 +25,13 @@ import yaml
 from irg.data.format import STAGE_WEIGHTS
 from irg.data.sequence import PreprocessConfig
 from irg.device import resolve_dtype
+from irg.model.checkpoint import resolve_model
 from irg.tracking import TrackingConfig
 
 
 @dataclass
 class ModelSettings:
-    checkpoint: str = "tests/fixtures/bagel_tiny"  # official BAGEL layout (folder or s3://): weights, AE, tokenizer
+    checkpoint: str = "tests/fixtures/bagel_tiny"  # official BAGEL layout (folder, s3:// or irg:NAME)
     dtype: str = "float32"  # float32 or bfloat16, any spelling irg.device takes (DeepSpeed bf16: fp32 master weights)
     freeze_vit: bool = False
     freeze_und: bool = False  # the understanding expert of the LLM (and the token embeddings / LM head)
@@ -124,9 +125,9 @@ class TrackingSettings(TrackingConfig):
 
     registered_model: str = "irg"
     sample_prompt: str = "a red cube on the left of a blue ball"
-    sample_size: int = 512
-    sample_steps: int | None = None  # None: the pipeline's default
-    sample_max_think_tokens: int | None = None  # None: the pipeline's default
+    sample_size: int | None = None  # None: the model's default (its generation_config.json, else the pipeline's)
+    sample_steps: int | None = None  # None: the model's default
+    sample_max_think_tokens: int | None = None  # None: the model's default
     sample_images: bool = True  # at each checkpoint, from the EMA weights (rank 0 holds a full copy)
     peak_tflops: float | None = None  # per worker, for MFU; default: known GPUs, or a measured CPU matmul
 
@@ -209,7 +210,8 @@ def load_config(path: str | os.PathLike, stage: int, overrides: list[str] = ()) 
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
     # Local paths are relative to where the job starts; Ray Train runs workers in another directory.
-    config.model.checkpoint = _absolute(config.model.checkpoint)
+    # A packaged model (irg:NAME) becomes its folder, so an unknown name fails here.
+    config.model.checkpoint = _absolute(resolve_model(config.model.checkpoint))
     config.data.root = _absolute(config.data.root)
     config.run.storage = _absolute(config.run.storage)
     return config

@@ -1,8 +1,9 @@
 """Trained EMA weights -> a checkpoint in the official BAGEL layout.
 
 Reads only the EMA shards of a training checkpoint (plain torch files, see :mod:`irg.train.checkpointing`),
-so it needs neither DeepSpeed nor the training cluster; the autoencoder, tokenizer and configs come
-from the checkpoint training started from. The result loads with ``IRGPipeline.from_pretrained``.
+so it needs neither DeepSpeed nor the training cluster; the autoencoder, tokenizer, configs and
+generation defaults (``generation_config.json``) come from the checkpoint training started from. The
+result loads with ``IRGPipeline.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def export_checkpoint(filesystem: pafs.FileSystem, checkpoint_path: str, base: s
                       dtype: torch.dtype | None = None) -> str:
     """Write the EMA of a training checkpoint as a BAGEL checkpoint (folder or URI) at ``out``."""
     pretrained = load_pretrained(base, model_weights=read_ema(filesystem, checkpoint_path))
-    save_pretrained(out, pretrained.model, pretrained.autoencoder, pretrained.tokenizer, dtype=dtype)
+    save_pretrained(out, pretrained.model, pretrained.autoencoder, pretrained.tokenizer, dtype=dtype,
+                    generation_config=pretrained.generation_config)
     return out
 
 

@@ -21,7 +21,7 @@ from irg import storage
 from irg.data.plan import DataPosition
 from irg.data.sequence import SpecialTokens
 from irg.model import load_pretrained
-from irg.pipeline import IRGPipeline
+from irg.pipeline import IRGPipeline, model_defaults
 from irg.tracking import RunLogger, tracking_uri
 from irg.train.checkpointing import FAULT_DRILL_MARKER, TrainState, read_checkpoint, run_path, write_checkpoint
 from irg.train.config import TrainConfig
@@ -154,7 +154,8 @@ def sample(weights: dict, pretrained, cfg: TrainConfig, device: torch.device):
         model = build_model(pretrained.config)
     model.load_state_dict({k: v.to(device) for k, v in weights.items()}, assign=True)
     autoencoder = pretrained.autoencoder.to(device, cfg.model.torch_dtype)
-    pipe = IRGPipeline(model.eval(), autoencoder, pretrained.tokenizer)
+    defaults = model_defaults(cfg.model.checkpoint, pretrained.config, pretrained.generation_config)
+    pipe = IRGPipeline(model.eval(), autoencoder, pretrained.tokenizer, defaults)
     t = cfg.tracking
     out = pipe(t.sample_prompt, height=t.sample_size, width=t.sample_size, num_steps=t.sample_steps, seed=0,
                max_think_tokens=t.sample_max_think_tokens, vae_transform=cfg.data.preprocess.vae_transform,
