@@ -45,7 +45,7 @@ FLAW_KINDS = {  # per category, the flaws that make an image fail it (GenEval co
     "colors": ("color",), "position": ("relation", "missing"), "color_attr": ("color", "missing"),
 }
 FLAW_TITLES = {"count": "Count", "color": "Colour", "shape": "Shape", "missing": "Missing object",
-               "relation": "Position"}
+               "relation": "Position", "extra": "Extra object", "style": "Style"}  # extra, style: model images only
 REGIONS = (("at the top left", "at the top", "at the top right"),
            ("on the left", "in the centre", "on the right"),
            ("at the bottom left", "at the bottom", "at the bottom right"))
@@ -62,7 +62,7 @@ class ObjectSpec:
         """"a red circle", "three circles"."""
         words = ([self.color] if with_color else []) + [self.shape + ("s" if self.count > 1 else "")]
         if self.count > 1:
-            return " ".join([NUMBERS[self.count], *words])
+            return " ".join([number_word(self.count), *words])
         return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
 
     @property
@@ -94,7 +94,7 @@ class Scene:
 @dataclass(frozen=True)
 class Flaw:
     """One way a first image misses its prompt; the reflection quotes these texts."""
-    kind: str  # count | color | shape | missing | relation
+    kind: str  # a key of FLAW_TITLES: count | color | shape | missing | relation | extra | style
     description: str  # what is wrong: "there are two red circles instead of three"
     requirement: str  # what the prompt asks for
     fix: str  # an imperative edit that repairs it
@@ -124,6 +124,11 @@ class Detection:
     @property
     def center(self) -> tuple[float, float]:
         return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+def number_word(n: int) -> str:
+    """"three"; digits past nine (a model may draw more shapes than any prompt asks for)."""
+    return NUMBERS[n] if 0 <= n < len(NUMBERS) else str(n)
 
 
 def sample_scene(rng: random.Random, category: str | None = None) -> Scene:
@@ -157,6 +162,28 @@ def geneval_metadata(scene: Scene) -> dict:
     if scene.category == "counting":
         record["exclude"] = [{"class": o.shape, "count": o.count + 1} for o in scene.objects]
     return record
+
+
+def scene_from_metadata(record: dict) -> Scene:
+    """The scene of a shapes-world GenEval record: the inverse of :func:`geneval_metadata`. Records do not
+    name the colours of single_object and two_object prompts; those objects get distinct placeholder
+    colours (any colour satisfies such a prompt). Raises ValueError for a record the world cannot have made."""
+    try:
+        tag, include = record["tag"], record["include"]
+        objects = [ObjectSpec(req["class"], req.get("color", sorted(PALETTE)[i]), req["count"])
+                   for i, req in enumerate(include)]
+        relation = include[-1]["position"][0] if "position" in include[-1] else None
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"record: not a GenEval record ({type(e).__name__}: {e})") from None
+    if relation is not None:  # GenEval states include[1] relative to include[0]; the scene states objects[0]
+        objects = objects[::-1]
+    if len({o.shape for o in objects}) != len(objects):
+        raise ValueError(f"record: names a shape twice, which GenEval's rules can never pass: {record}")
+    scene = Scene(tag, tuple(objects), relation)
+    expected = geneval_metadata(scene)
+    if any(record.get(key) != value for key, value in expected.items()):
+        raise ValueError(f"record: not as the shapes world writes this scene (expected {expected}): {record}")
+    return scene
 
 
 def layout(scene: Scene, size: int, rng: random.Random) -> list[Placed]:
@@ -293,40 +320,23 @@ def flaw(scene: Scene, rng: random.Random) -> tuple[Scene, list[Flaw]]:
 
 
 def _missing(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[Flaw]]:
-    gone, rest = scene.objects[g], scene.objects[1 - g]
-    where = (f" {RELATION_PROSE[scene.relation if g == 0 else RELATIONS[scene.relation]]} {rest.name}"
-             if scene.relation else " in an empty area, clearly apart from the other shape")
-    return replace(scene, objects=(rest,), relation=None), [
-        Flaw("missing", f"{gone.name} is missing", _as_prompted(scene, gone), f"add {gone.phrase()}{where}")]
+    return replace(scene, objects=(scene.objects[1 - g],), relation=None), [missing_flaw(scene, g)]
 
 
 def _swapped_relation(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[Flaw]]:
-    a, b = (obj.name for obj in scene.objects)
-    wanted, actual = RELATION_PROSE[scene.relation], RELATION_PROSE[RELATIONS[scene.relation]]
-    return replace(scene, relation=RELATIONS[scene.relation]), [
-        Flaw("relation", f"{a} is {actual} {b} instead of {wanted} it", f"{a} {wanted} {b}",
-             f"swap the two shapes so that {a} sits {wanted} {b}")]
+    return replace(scene, relation=RELATIONS[scene.relation]), [relation_flaw(scene, RELATIONS[scene.relation])]
 
 
 def _wrong_count(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[Flaw]]:
     c = scene.objects[g]
     n = rng.choice([k for k in range(1, MAX_COUNT + 2) if k != c.count])
-    diff, shapes = c.count - n, f"{c.color} {c.shape}"
-    shown = f"{'only ' * (diff > 0)}{NUMBERS[n]} {shapes}{'s' * (n > 1)}"
-    fix = (f"add {NUMBERS[diff]} more {shapes}{'s' * (diff > 1)} in the empty space" if diff > 0 else
-           f"remove {NUMBERS[-diff]} of the {shapes}s")
-    return _replaced(scene, g, replace(c, count=n)), [
-        Flaw("count", f"there {'is' if n == 1 else 'are'} {shown} instead of {NUMBERS[c.count]}",
-             f"exactly {c.phrase()}", f"{fix}, so that there are exactly {NUMBERS[c.count]}")]
+    return _replaced(scene, g, replace(c, count=n)), [count_flaw(c, n)]
 
 
 def _wrong_shape(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[Flaw]]:
     c = scene.objects[g]
     drawn = replace(c, shape=rng.choice([s for s in SHAPES if s not in {obj.shape for obj in scene.objects}]))
-    wanted = _as_prompted(scene, c)
-    return _replaced(scene, g, drawn), [
-        Flaw("shape", f"it shows {drawn.phrase()} instead of {wanted}", wanted,
-             f"replace {drawn.name} with {c.phrase()} of the same size in the same place")]
+    return _replaced(scene, g, drawn), [shape_flaw(scene, c, drawn)]
 
 
 def _wrong_color(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[Flaw]]:
@@ -336,9 +346,77 @@ def _wrong_color(scene: Scene, g: int, rng: random.Random) -> tuple[Scene, list[
         drawn = (replace(objs[0], color=objs[1].color), replace(objs[1], color=objs[0].color))
     else:
         drawn = (replace(objs[0], color=rng.choice([k for k in sorted(PALETTE) if k != objs[0].color])),)
-    return replace(scene, objects=drawn), [
-        Flaw("color", f"the {o.shape} is {d.color} instead of {o.color}", o.phrase(),
-             f"recolour the {o.shape} solid {o.color}, keeping its size and place") for o, d in zip(objs, drawn)]
+    return replace(scene, objects=drawn), [color_flaw(o, d.color) for o, d in zip(objs, drawn)]
+
+
+# The flaw texts, from what is drawn: the flaw makers above use them, and so does the correction of a
+# model's own images (irg.data.irgl_synthesis), which finds the drawn values in the image.
+
+def missing_flaw(scene: Scene, g: int) -> Flaw:
+    """``scene.objects[g]`` is not drawn at all."""
+    gone, others = scene.objects[g], scene.objects[:g] + scene.objects[g + 1:]
+    if scene.relation:
+        where = f" {RELATION_PROSE[scene.relation if g == 0 else RELATIONS[scene.relation]]} {others[0].name}"
+    else:
+        where = " in an empty area, clearly apart from the other shape" if others else ""
+    return Flaw("missing", f"{gone.name} {'are' if gone.count > 1 else 'is'} missing", _as_prompted(scene, gone),
+                f"add {gone.phrase()}{where}")
+
+
+def count_flaw(c: ObjectSpec, n: int) -> Flaw:
+    """``n`` (>= 1) shapes of group ``c`` are drawn instead of ``c.count``."""
+    diff, shapes = c.count - n, f"{c.color} {c.shape}"
+    shown = f"{'only ' * (diff > 0)}{number_word(n)} {shapes}{'s' * (n > 1)}"
+    fix = (f"add {NUMBERS[diff]} more {shapes}{'s' * (diff > 1)} in the empty space" if diff > 0 else
+           f"remove {number_word(-diff)} of the {shapes}s")
+    return Flaw("count", f"there {'is' if n == 1 else 'are'} {shown} instead of {NUMBERS[c.count]}",
+                f"exactly {c.phrase()}", f"{fix}, so that there are exactly {NUMBERS[c.count]}")
+
+
+def shape_flaw(scene: Scene, wanted: ObjectSpec, drawn: ObjectSpec) -> Flaw:
+    """``drawn`` stands where ``wanted`` (a group of the scene, in the colour it is to have) should be."""
+    prompted = _as_prompted(scene, wanted)
+    return Flaw("shape", f"it shows {drawn.phrase()} instead of {prompted}", prompted,
+                f"replace {drawn.name} with {wanted.phrase()} of the same size in the same place")
+
+
+def color_flaw(wanted: ObjectSpec, drawn_color: str, n: int = 1) -> Flaw:
+    """``n`` shapes of group ``wanted`` are drawn in ``drawn_color``."""
+    if wanted.count == 1:
+        what, which = f"the {wanted.shape} is", f"the {wanted.shape}"
+    elif n == wanted.count:
+        what, which = f"the {wanted.shape}s are", f"the {wanted.shape}s"
+    else:
+        what = f"{number_word(n)} of the {wanted.shape}s {'is' if n == 1 else 'are'}"
+        which = f"that {wanted.shape}" if n == 1 else f"those {number_word(n)} {wanted.shape}s"
+    keeping = "its size and place" if n == 1 else "their sizes and places"
+    return Flaw("color", f"{what} {drawn_color} instead of {wanted.color}", wanted.phrase(),
+                f"recolour {which} solid {wanted.color}, keeping {keeping}")
+
+
+def relation_flaw(scene: Scene, actual: str | None) -> Flaw:
+    """The scene's two objects are drawn with ``objects[0]`` ``actual`` ``objects[1]`` (None: in no clear
+    relation). The opposite relation is mended by a swap, any other by moving ``objects[0]``."""
+    a, b = (obj.name for obj in scene.objects)
+    wanted = RELATION_PROSE[scene.relation]
+    shown = f"is {RELATION_PROSE[actual]} {b} instead of {wanted} it" if actual else f"is not clearly {wanted} {b}"
+    fix = (f"swap the two shapes so that {a} sits {wanted} {b}" if actual == RELATIONS[scene.relation] else
+           f"move {a} so that it sits {wanted} {b}")
+    return Flaw("relation", f"{a} {shown}", f"{a} {wanted} {b}", fix)
+
+
+def extra_flaw(scene: Scene, extra: ObjectSpec) -> Flaw:
+    """``extra`` is drawn besides what the prompt asks for."""
+    return Flaw("extra", f"there {'is' if extra.count == 1 else 'are'} also {extra.phrase()} that the prompt does "
+                         "not ask for", f"only {scene_prompt(scene).removeprefix('a photo of ')}",
+                f"remove the extra {extra.color} {extra.shape}{'s' * (extra.count > 1)}")
+
+
+def style_flaw() -> Flaw:
+    """Parts of the image are neither the background nor a readable shape (noise, smears, blobs)."""
+    return Flaw("style", "parts of the image are smeared or noisy and cannot be read as clean, solid shapes",
+                f"flat, solid shapes on a {BACKGROUND_NAME}",
+                f"redraw everything flat and solid with crisp edges on a clean {BACKGROUND_NAME}")
 
 
 def _as_prompted(scene: Scene, obj: ObjectSpec) -> str:
@@ -380,16 +458,31 @@ def _and_join(items: list[str]) -> str:
 
 
 def reflection_text(scene: Scene, placed: list[Placed], flaws: list[Flaw]) -> str:
-    """Think 2 in the four-part structure the IRG system prompt asks for."""
+    """Think 2 in the four-part structure the IRG system prompt asks for. The previous image's style is
+    praised and kept unless a "style" flaw says it is not clean."""
+    clean = all(f.kind != "style" for f in flaws)
     problems = "; ".join(f.description for f in flaws)
-    steps = [f"Keep the {BACKGROUND_NAME} and the flat, crisp style of the previous image.",
+    steps = [*([f"Keep the {BACKGROUND_NAME} and the flat, crisp style of the previous image."] * clean),
              *(f.fix[0].upper() + f.fix[1:] + "." for f in flaws),
              "Check that no shapes touch or overlap and that every shape is a single solid colour."]
-    return (f"<think> The previous image does not yet match the prompt \"{scene_prompt(scene)}\": {problems}. "
-            "The background, the flat colours and the crisp edges are fine and should be kept.\n\n"
-            "### Detailed Explanation of Required Improvements:\n"
-            + "".join(f"- {FLAW_TITLES[f.kind]}: the prompt requires {f.requirement}, but {f.description}.\n"
-                      for f in flaws) + "\n"
+    return _four_parts(f"The previous image does not yet match the prompt \"{scene_prompt(scene)}\": {problems}."
+                       + " The background, the flat colours and the crisp edges are fine and should be kept." * clean,
+                       [f"{FLAW_TITLES[f.kind]}: the prompt requires {f.requirement}, but {f.description}."
+                        for f in flaws], steps, placed)
+
+
+def kept_reflection_text(scene: Scene, placed: list[Placed]) -> str:
+    """Think 2 for a previous image that already matches its prompt (``placed``: what it shows): keep it."""
+    return _four_parts(f"The previous image already matches the prompt \"{scene_prompt(scene)}\": it shows "
+                       f"{placement_text(placed)}. It should be kept as it is.",
+                       ["None needed: every object, count, colour and position the prompt asks for is right."],
+                       ["Keep the previous image as it is: the same shapes, colours, sizes and places."], placed)
+
+
+def _four_parts(analysis: str, improvements: list[str], steps: list[str], placed: list[Placed]) -> str:
+    """The reflection's structure: an analysis, then the three sections the IRG system prompt names."""
+    return ("<think> " + analysis + "\n\n### Detailed Explanation of Required Improvements:\n"
+            + "".join(f"- {s}\n" for s in improvements) + "\n"
             "### Step-by-Step Modification Guidance:\n"
             + "".join(f"{i}. {s}\n" for i, s in enumerate(steps, start=1)) + "\n"
             "### Final Comprehensive Prompt for the Improved Image:\n"
@@ -435,16 +528,21 @@ def mode_parts(mode: str, ex: Example) -> list[Part]:
     raise ValueError(f"mode: unknown {mode!r}, expected one of {MODES}")
 
 
-def synth_conversation(mode: str, seed: int, row: int, image_size: int = 64) -> str:
+def synth_conversation(mode: str, seed: int, row: int, image_size: int = 64, system_prompt: str = SYSTEM_PROMPT) -> str:
     """Row ``row`` of ``mode``: seeded by (seed, mode, row) alone, so rows do not depend on file splits."""
-    ex = make_example(random.Random(f"{seed}:{mode}:{row}"), image_size)
-    parts = [("user", TextPart(SYSTEM_PROMPT, False)), ("user", TextPart(ex.prompt, False))]
+    return example_conversation(mode, make_example(random.Random(f"{seed}:{mode}:{row}"), image_size), system_prompt)
+
+
+def example_conversation(mode: str, ex: Example, system_prompt: str = SYSTEM_PROMPT) -> str:
+    """The row of ``mode`` for ``ex``: the system prompt and the prompt as user turns, then the mode's parts."""
+    parts = [("user", TextPart(system_prompt, False)), ("user", TextPart(ex.prompt, False))]
     return conversation_json(parts + [("assistant", p) for p in mode_parts(mode, ex)])
 
 
 def write_synthetic(out_uri: str, rows: int, seed: int = 0, image_size: int = 64, rows_per_file: int = 256,
-                    modes=MODES, progress: bool = True) -> dict[str, int]:
-    """Write ``rows`` rows per mode to ``<out_uri>/<mode>/part-NNNNN.parquet``; returns rows per mode."""
+                    modes=MODES, progress: bool = True, system_prompt: str = SYSTEM_PROMPT) -> dict[str, int]:
+    """Write ``rows`` rows per mode to ``<out_uri>/<mode>/part-NNNNN.parquet``; returns rows per mode.
+    ``system_prompt`` is the first user turn of every row: the one the trained model will be asked with."""
     modes = (modes,) if isinstance(modes, str) else tuple(modes)
     _validate(rows, image_size, rows_per_file, modes)
     written = {}
@@ -453,13 +551,18 @@ def write_synthetic(out_uri: str, rows: int, seed: int = 0, image_size: int = 64
             for part, start in enumerate(range(0, rows, rows_per_file)):
                 batch = []
                 for row in range(start, min(rows, start + rows_per_file)):
-                    batch.append(synth_conversation(mode, seed, row, image_size))
+                    batch.append(synth_conversation(mode, seed, row, image_size, system_prompt))
                     bar.update()
-                table = pa.table({"conversation": pa.array(batch, type=pa.string())})
-                with open_file(join(out_uri, mode, f"part-{part:05d}.parquet"), "wb") as f:
-                    pq.write_table(table, f, row_group_size=64)
+                write_rows(join(out_uri, mode, f"part-{part:05d}.parquet"), batch)
             written[mode] = rows
     return written
+
+
+def write_rows(uri: str, conversations: list[str]) -> None:
+    """One parquet file of IRGL rows: the ``conversation`` column, in row groups of 64 (the unit plans draw)."""
+    table = pa.table({"conversation": pa.array(conversations, type=pa.string())})
+    with open_file(uri, "wb") as f:
+        pq.write_table(table, f, row_group_size=64)
 
 
 def _validate(rows, image_size, rows_per_file, modes) -> None:
