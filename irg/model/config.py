@@ -169,7 +169,26 @@ def mot_1p5b_config() -> BagelConfig:
                                      num_attention_heads=12, num_key_value_heads=2))
 
 
-PRESETS = {"tiny": tiny_config, "mot-1.5b": mot_1p5b_config, "bagel-7b": bagel_7b_config}
+def shapes_config(vocab_size: int = 896, image_start_token_id: int = 865, image_end_token_id: int = 866) -> BagelConfig:
+    """The shapes-world model (``irg:shapes``): BAGEL's architecture at the size a 2-core CPU trains in
+    about two hours. 64 px images; a 4x autoencoder and 2x2 latent patches give an 8 x 8 grid of image
+    tokens (one per 8 px, finer than the world's 3 x 3 layout); the ViT reads the same grid with 8 px
+    patches. The vocabulary and the image-token ids are those of the world's own BPE tokenizer
+    (:mod:`irg.data.tokenizer`); the recipe passes the ids of the tokenizer it trained."""
+    return BagelConfig(
+        llm=LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+        vit=ViTConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=64, patch_size=8),
+        ae=AEConfig(resolution=64, downsample=4, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1,
+                    scale_factor=1.0, shift_factor=0.0),
+        latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=8, timestep_shift=1.0,
+        vae_image_min_size=64, vit_image_min_size=64,
+        image_start_token_id=image_start_token_id, image_end_token_id=image_end_token_id,
+    )
+
+
+PRESETS = {"tiny": tiny_config, "shapes": shapes_config, "mot-1.5b": mot_1p5b_config, "bagel-7b": bagel_7b_config}
 
 
 def get_config(name: str) -> BagelConfig:
