@@ -37,6 +37,8 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.data.seed * 10_007 + rank)  # flow noise and timesteps differ across ranks
 
     pretrained = load_pretrained(cfg.model.checkpoint, device="cpu")

@@ -44,6 +44,8 @@ def build_trainer(cfg: TrainConfig, store: storage.StoreConfig | None = None) ->
     env[TRACKING_URI_ENV] = configure(cfg.tracking, store)
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU, over Ray's gloo process group
+    if cfg.scaling.torch_threads:
+        env["OMP_NUM_THREADS"] = str(cfg.scaling.torch_threads)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
