@@ -1,6 +1,6 @@
 """The shapes model from scratch, every step of its recipe in one command (see irg/train/shapes_recipe.py).
 
-    python jobs/shapes.py                      # local Ray, the embedded object store, MLflow on sqlite
+    python jobs/shapes.py --ship-to irg/models/shapes   # local Ray, the embedded store, MLflow on sqlite
     ray job submit --working-dir . -- python jobs/shapes.py --work s3://...   # on a cluster
 
 Running it again resumes: finished steps are skipped, interrupted training continues from its checkpoint.
@@ -19,13 +19,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="out/shapes", help="folder for the tokenizer, autoencoder, checkpoints")
     parser.add_argument("--data", default="", help="where the rows go (default: s3://<bucket>/shapes)")
+    parser.add_argument("--ship-to", help="copy the final model here, e.g. irg/models/shapes (what irg:shapes loads)")
     parser.add_argument("--until", choices=recipe.STEPS, default=recipe.STEPS[-1], help="stop after this step")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training setting of every stage, e.g. --set run.max_steps=10")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    settings = recipe.RecipeSettings(work=args.work, data=args.data)
+    settings = recipe.RecipeSettings(work=args.work, data=args.data, ship_to=args.ship_to)
     try:
         outputs = recipe.run(settings, until=args.until, overrides=args.overrides)
     except INPUT_ERRORS as e:

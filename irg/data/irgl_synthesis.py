@@ -463,7 +463,7 @@ def ray_drawer(model: str, *, workers: int | None = None, batch_size: int = 4, d
     settings are checked against the checkpoint's configuration here, before any actor starts."""
     from irg.device import device_name, dtype_name
     from irg.model.checkpoint import read_config
-    from irg.pipeline.request import validate_request
+    from irg.pipeline.request import model_defaults, validate_request
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
@@ -471,7 +471,9 @@ def ray_drawer(model: str, *, workers: int | None = None, batch_size: int = 4, d
         raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
     device, dtype = device_name(device), dtype_name(dtype)
     settings = {k: v for k, v in (generation or {}).items() if v is not None}
-    validate_request(read_config(model), "a prompt", rounds=1, system_prompt=system_prompt, **settings)
+    config = read_config(model)
+    validate_request(config, "a prompt", rounds=1, system_prompt=system_prompt,
+                     defaults=model_defaults(model, config), **settings)
 
     def draw_round_one(items: list[dict]) -> Iterator[dict]:
         import ray

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,8 @@ class RecipeSettings:
     tokenizer_scenes: int = 4000
     vocab_size: int = 1024
     base_rows: int = 20000  # per base mode
-    synthetic_rows: int = 3000  # per IRGL mode, synthetic flawed examples
-    synthesis_prompts: int = 1536  # prompts the base model draws round 1 for
+    synthetic_rows: int = 2000  # per IRGL mode, synthetic flawed examples
+    synthesis_prompts: int = 1024  # prompts the base model draws round 1 for
     synthesis_workers: int = 2
     image_size: int = 64
     ship_to: str | None = None  # copy the final model here (the package's irg/models/shapes)
@@ -209,6 +210,7 @@ def ship(model_uri: str, destination: str | Path) -> str:
     from irg.model import load_pretrained, save_pretrained
 
     destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
     pretrained = load_pretrained(model_uri)
     with tempfile.TemporaryDirectory(dir=destination.parent) as tmp:
         save_pretrained(tmp, pretrained.model, pretrained.autoencoder, pretrained.tokenizer, dtype=torch.float16,
@@ -219,14 +221,15 @@ def ship(model_uri: str, destination: str | Path) -> str:
         if destination.exists():
             shutil.rmtree(destination)
         shutil.copytree(tmp, destination)
+    destination.chmod(0o755)  # a temporary folder is private; the package's is not
     return str(destination)
 
 
 STEPS = ("tokenizer", "autoencoder", "init", "base", "synthesis", "irgl", "ship")
 
 
-def run(settings: RecipeSettings, until: str = STEPS[-1], overrides: list[str] = ()) -> dict[str, str]:
-    """Every step up to ``until``; returns what each produced (paths and URIs)."""
+def run(settings: RecipeSettings, until: str = STEPS[-1], overrides: list[str] = ()) -> dict:
+    """Every step up to ``until``; returns what each produced (paths and URIs) and how long it took."""
     from irg import embedded_store
 
     if storage.configured_store() is None:  # the embedded default, as `make demo` uses
@@ -242,7 +245,10 @@ def run(settings: RecipeSettings, until: str = STEPS[-1], overrides: list[str] =
         "irgl": lambda: train_irgl(outputs["base"], outputs["synthesis"], overrides)[0],
         "ship": lambda: ship(outputs["irgl"], settings.ship_to) if settings.ship_to else outputs["irgl"],
     }
+    seconds = {}
     for name in STEPS[:STEPS.index(until) + 1]:
         log.info("recipe step %s", name)
+        start = time.monotonic()
         outputs[name] = steps[name]()
-    return outputs
+        seconds[name] = round(time.monotonic() - start, 1)  # a skipped (already done) step takes ~0 s
+    return outputs | {"seconds": seconds}
