@@ -1,8 +1,8 @@
 """The main job end to end on one machine, on the embedded defaults (what `make demo` runs).
 
 1. the embedded object store (SeaweedFS on 127.0.0.1) and synthetic IRGL data on it;
-2. IRGL stage 1 and stage 2 on the tiny model with Ray Train + DeepSpeed (2 CPU workers), tracked
-   in MLflow (sqlite, artifacts on the store);
+2. IRGL stage 1 and stage 2 fine-tuning the shipped shapes model (``irg:shapes``) with Ray Train +
+   DeepSpeed (2 CPU workers), tracked in MLflow (sqlite, artifacts on the store);
 3. the result registered and promoted to @champion;
 4. the registered model evaluated on shapes-world prompts (a Ray Data actor pool draws both rounds,
    the shapes scorer grades each round in GenEval's categories, the report goes to MLflow);
@@ -28,7 +28,8 @@ from irg.console import Bar, Console, first_line, library_output_to
 from irg.embedded_store import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPT = "a red cube on the left of a blue ball"
+BASE_MODEL = "irg:shapes"
+PROMPT = "a photo of a red circle to the left of a blue square"
 STEPS = 6
 
 
@@ -36,14 +37,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "demo")
     parser.add_argument("--rows", type=int, default=64, help="synthetic rows per learning mode")
-    parser.add_argument("--name", default="irgl-demo", help="run name (the same name resumes)")
-    parser.add_argument("--eval-prompts", type=int, default=12, help="shapes-world prompts to evaluate")
+    parser.add_argument("--name", default="shapes-demo", help="run name (the same name resumes)")
+    parser.add_argument("--eval-prompts", type=int, default=24, help="shapes-world prompts to evaluate")
     args = parser.parse_args()
     log_path = args.out / "demo.log"
     with library_output_to(log_path) as terminal:
         log_path = shown(log_path)
         console = Console(STEPS, terminal)
-        console.say(f"IRG demo {args.name!r}: train, register, evaluate and serve a tiny IRG model (3-5 minutes)",
+        console.say(f"IRG demo {args.name!r}: fine-tune, register, evaluate and serve the shapes model (5-8 minutes)",
                     indent=False)
         console.say(f"log: {log_path}  (Ray's, DeepSpeed's and MLflow's output, with the workers' logs)",
                     indent=False)
@@ -71,7 +72,7 @@ def demo(args: argparse.Namespace, console: Console) -> None:
     console.say(store)
     console.say(f"data: {data} ({note})")
 
-    console.step("IRGL training on Ray Train + DeepSpeed (2 CPU workers): stage 1, then stage 2 from its EMA")
+    console.step(f"IRGL fine-tuning of {BASE_MODEL} on Ray Train + DeepSpeed (2 CPU workers): stage 1, then stage 2")
     results, version = train(args.name, data, console)
 
     console.step("MLflow model registry")
@@ -96,13 +97,15 @@ def object_store_and_data(rows: int) -> tuple[str, str, str]:
     Returns the store's status line, the data's URI and what was done about it."""
     from irg import embedded_store, storage
     from irg.data.synth import write_synthetic
+    from irg.pipeline.request import model_defaults
 
     status = embedded_store.up()  # what `irg store up` does
     embedded_store.make_default(status.config)
-    data = status.config.uri("demo", "irgl-synth")
+    data = status.config.uri("demo", "shapes-synth")
     if storage.exists(storage.join(data, "improving_full_learning"), status.config):
         return str(status), data, "kept from an earlier run"
-    written = write_synthetic(data, rows=rows, seed=0, image_size=64)
+    defaults = model_defaults(BASE_MODEL)  # rows are asked as the model is: its image size and system prompt
+    written = write_synthetic(data, rows=rows, seed=0, image_size=defaults.height, system_prompt=defaults.system_prompt)
     return str(status), data, f"{sum(written.values())} rows written"
 
 
@@ -115,7 +118,8 @@ def train(name: str, data: str, console: Console):
 
     overrides = [f"data.root={data}", f"run.name={name}", f"tracking.registered_model={name}",
                  "tracking.experiment=irgl-demo"]
-    configs = {stage: load_config(REPO / "jobs" / "configs" / "tiny.yaml", stage, overrides) for stage in (1, 2)}
+    configs = {stage: load_config(REPO / "jobs" / "configs" / "shapes-finetune.yaml", stage, overrides)
+               for stage in (1, 2)}
     context = ray.init(num_cpus=2, include_dashboard=False)  # the workers' logs come to the log file too
     console.say(f"Ray's logs: {context.address_info['session_dir']}/logs")
     bars = [Bar(f"stage {stage}", cfg.run.max_steps, poll=stage_step(cfg), unit="steps")
@@ -169,7 +173,7 @@ def evaluate(model: str, args: argparse.Namespace, console: Console):
     from irg.eval.run import EvalConfig
     from irg.eval.run import evaluate as run_evaluation
 
-    generation = GenerationSettings(height=64, width=64, steps=16, rounds=2, max_think_tokens=48)
+    generation = GenerationSettings()  # the model's own defaults (its generation_config.json)
     evaluation = EvalConfig(model=model, benchmark="shapes", name=f"{args.name}-shapes", limit=args.eval_prompts,
                             generation=generation, batch_size=4)
     samples = len(load_benchmark(evaluation.benchmark, evaluation.limit, seed=generation.seed)) * generation.samples
@@ -195,10 +199,13 @@ def serve_one_request(model: str, out: Path, console: Console) -> None:
         serve.run(build_app(AppArgs(model=model, device="cpu")), name="irg", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     console.say(f"serving on {url}; streaming {PROMPT!r}")
-    body = {"prompt": PROMPT, "size": "64x64", "steps": 16, "rounds": 2, "max_think_tokens": 48, "seed": 0}
+    from irg.pipeline.request import model_defaults
+
+    defaults = model_defaults(BASE_MODEL)
+    body = {"prompt": PROMPT, "seed": 0}  # everything else: the model's defaults
     out.mkdir(parents=True, exist_ok=True)
     trace = {"prompt": PROMPT, "model": model, "events": []}
-    bar = Bar("request", body["rounds"] * (body["steps"] - 1), unit="steps")
+    bar = Bar("request", defaults.rounds * (defaults.num_steps - 1), unit="steps")
     start = time.monotonic()
     with console.progress(bar, interval=0.5), \
             requests.post(f"{url}/v1/images/generations/stream", json=body, stream=True, timeout=300) as response:
