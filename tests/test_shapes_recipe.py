@@ -61,7 +61,8 @@ def test_render_batch_is_normalised_renders_and_calibration_gives_unit_latents()
     autoencoder = AutoEncoder(cfg.ae)
     calibrate(autoencoder, cfg)
     same_renders = render_batch(random.Random("calibrate:0"), 16, 64)
-    z = autoencoder.encode(same_renders, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = autoencoder.encode(same_renders, generator=torch.Generator().manual_seed(0))
     assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3
     assert autoencoder.config.scale_factor == pytest.approx(autoencoder.scale_factor, rel=1e-4)
 
