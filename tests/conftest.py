@@ -102,6 +102,17 @@ def pytest_sessionfinish(session, exitstatus):
     session.config._irg_exit_status = exitstatus
 
 
+@pytest.fixture
+def fake():
+    """A fake OpenAI-compatible judge endpoint (``test_judge.FakeJudge``), for every test of a judge client."""
+    from test_judge import FakeJudge
+
+    server = FakeJudge()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
 @pytest.fixture(scope="module")
 def pipe():
     """The tiny checkpoint's pipeline in float32 on the CPU, one per test module."""

@@ -390,14 +390,6 @@ def test_bad_drawer_arguments_fail_before_ray_starts(kwargs, name):
 # --- the chat judge -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake():
-    server = FakeJudge()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
-
-
 def chat_judge(fake: FakeJudge, **kwargs) -> ChatJudge:
     return ChatJudge(JudgeClient(fake.base_url, "judge-vl", backoff_s=0.01), **kwargs)
 

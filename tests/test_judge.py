@@ -107,14 +107,6 @@ class _QuietServer(ThreadingHTTPServer):
         pass  # a client that timed out and hung up is expected in these tests
 
 
-@pytest.fixture
-def fake():
-    server = FakeJudge()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
-
-
 def item(i: int, color: tuple[int, int, int] = (0, 0, 0), category: str = "Biology") -> tuple[EvalPrompt, Image.Image]:
     prompt = EvalPrompt(f"{i:05d}", f"prompt {i}", category,
                         {"Prompt": f"prompt {i}", "Explanation": f"explanation {i}", "Category": category})
