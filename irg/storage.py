@@ -69,7 +69,7 @@ def embedded_client_path() -> Path:
     return irg_home() / "store" / "client.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class StoreConfig:
     """Where the object store is and how to sign in to it.
 
@@ -136,6 +136,10 @@ class StoreConfig:
         if bad:
             raise ValueError(f"store config file {str(file)!r}: values must be strings or null, got {bad}")
         return {k: v for k, v in data.items() if v is not None}
+
+    def __repr__(self) -> str:  # the dataclass repr would print the secret key into logs and tracebacks
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict(secrets=False).items())
+        return f"StoreConfig({fields})"
 
     def replace(self, **changes) -> StoreConfig:
         return dataclasses.replace(self, **changes)
@@ -296,10 +300,7 @@ def open_file(uri: str | os.PathLike, mode: str = "rb", config: StoreConfig | No
 
 def configured_store() -> StoreConfig | None:
     """The object store settings if any are configured (file or environment), else None."""
-    try:
-        config = StoreConfig.load()
-    except FileNotFoundError:
-        return None
+    config = StoreConfig.load()  # a file named by $IRG_STORE_CONFIG must exist: never fall back to local disk
     return config if config.endpoint_url or config.access_key else None
 
 

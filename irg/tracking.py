@@ -20,6 +20,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from PIL import Image
 
 from irg import storage
+from irg.names import check_name
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 RUN_KEY_TAG = "irg.run_key"
@@ -78,6 +79,7 @@ def experiment_id(client: MlflowClient, config: TrackingConfig, store: storage.S
 
 def find_run(client: MlflowClient, experiment: str, key: str):
     """The run of ``experiment`` (an id) tagged ``irg.run_key=key``, or None."""
+    check_name(key, "run key")  # a quote would break the filter string
     found = client.search_runs([experiment], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
     return found[0] if found else None
 

@@ -13,6 +13,7 @@ image transforms that feed a round's image back default to the checkpoint's own
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -198,8 +199,9 @@ def validate_request(
     _check_range("rounds", rounds, 1, LIMITS.max_rounds)
     _check_transform("vae_transform", vae_transform, unit, max_side)
     _check_transform("vit_transform", vit_transform, config.vit.patch_size, config.vit_transform[0])
-    if not isinstance(think_temperature, (int, float)) or isinstance(think_temperature, bool) or think_temperature < 0:
-        raise InvalidRequestError(f"think_temperature: must be a number >= 0, got {think_temperature!r}")
+    if not isinstance(think_temperature, (int, float)) or isinstance(think_temperature, bool) \
+            or not math.isfinite(think_temperature) or think_temperature < 0:
+        raise InvalidRequestError(f"think_temperature: must be a finite number >= 0, got {think_temperature!r}")
     _check_range("max_think_tokens", max_think_tokens, 1, LIMITS.max_think_tokens)
 
     request = GenerationRequest(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 RENORM_TYPES = ("global", "channel", "text_channel")
@@ -20,6 +21,12 @@ class RoundSettings:
     timestep_shift: float = 3.0
 
     def __post_init__(self):
+        numbers = {"cfg_text_scale": self.cfg_text_scale, "cfg_img_scale": self.cfg_img_scale,
+                   "cfg_renorm_min": self.cfg_renorm_min, "timestep_shift": self.timestep_shift,
+                   "cfg_interval": self.cfg_interval[0], "cfg_interval ": self.cfg_interval[1]}
+        for name, value in numbers.items():  # NaN passes every comparison below, inf breaks the sampler
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name.strip()} must be a finite number, got {value!r}")
         lo, hi = self.cfg_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"cfg_interval must satisfy 0 <= low <= high <= 1, got {self.cfg_interval}")

@@ -82,7 +82,7 @@ def read_checkpoint(folder: str, engine, ema: ShardedEMA, rank: int) -> TrainSta
     load_path, _ = engine.load_checkpoint(folder, tag=ENGINE_TAG)
     if load_path is None:
         raise RuntimeError(f"checkpoint {folder} has no DeepSpeed state under {ENGINE_TAG!r}")
-    ema.load_state_dict(torch.load(os.path.join(folder, ema_shard_file(rank)), weights_only=False))
+    ema.load_state_dict(torch.load(os.path.join(folder, ema_shard_file(rank)), weights_only=True))
     with open(os.path.join(folder, STATE_FILE)) as f:
         return TrainState.from_dict(json.load(f))
 
@@ -97,5 +97,5 @@ def read_ema(filesystem: pafs.FileSystem, checkpoint_path: str, dtype: torch.dty
     shards = []
     for path in files:
         with filesystem.open_input_file(path) as f:
-            shards.append(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False))
+            shards.append(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True))
     return assemble(shards, dtype)

@@ -26,6 +26,7 @@ from irg.data.format import STAGE_WEIGHTS
 from irg.data.sequence import PreprocessConfig
 from irg.device import resolve_dtype
 from irg.model.checkpoint import resolve_model
+from irg.names import check_name
 from irg.tracking import TrackingConfig
 
 
@@ -155,6 +156,7 @@ class TrainConfig:
         if self.data.weights is None:
             self.data.weights = dict(STAGE_WEIGHTS[self.stage])
         self.model.torch_dtype  # noqa: B018 - validates the name early
+        check_name(self.run.name, "run.name")  # becomes a storage folder and an MLflow filter value
         for name in ("max_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self.run, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self.run, name)}")

@@ -1,0 +1,86 @@
+"""Issue 14 items fixed so far: safe unpickling, secrets out of reprs, a named store config that must
+exist, non-finite request numbers, chosen names checked before they become paths or filters."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from irg import storage
+from irg.names import InvalidName, check_name
+from irg.pipeline.settings import RoundSettings
+from irg.train.checkpointing import read_checkpoint
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_pickled_payload_in_an_ema_shard_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "code-ran"
+    (tmp_path / "ema").mkdir()
+    torch.save({"shards": _Payload(str(marker))}, tmp_path / "ema" / "rank00000.pt")
+
+    class Engine:
+        def load_checkpoint(self, folder, tag):
+            return folder, None
+
+    class EMA:
+        def load_state_dict(self, state):
+            raise AssertionError("the shard was unpickled")
+
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        read_checkpoint(str(tmp_path), Engine(), EMA(), rank=0)
+    assert not marker.exists()
+
+
+def test_store_config_repr_hides_the_secret_key_and_session_token():
+    config = storage.StoreConfig(endpoint_url="http://127.0.0.1:1", access_key="AKID",
+                                 secret_key="planted-secret-123", session_token="planted-token-456")
+    for text in (repr(config), str(config), repr([config])):
+        assert "planted-secret-123" not in text and "planted-token-456" not in text
+        assert "AKID" in text
+
+
+def test_a_missing_store_config_named_by_the_environment_is_an_error(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere.json"
+    monkeypatch.setenv(storage.CONFIG_ENV, str(missing))
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        storage.configured_store()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_round_settings_are_refused(value):
+    with pytest.raises(ValueError, match="timestep_shift must be a finite number"):
+        RoundSettings(timestep_shift=value)
+    with pytest.raises(ValueError, match="cfg_text_scale must be a finite number"):
+        RoundSettings(cfg_text_scale=value)
+
+
+def test_a_nan_think_temperature_is_refused(fixture_dir):
+    from irg.model.checkpoint import read_config
+    from irg.pipeline import InvalidRequestError
+    from irg.pipeline.request import validate_request
+
+    with pytest.raises(InvalidRequestError, match="think_temperature"):
+        validate_request(read_config(fixture_dir), "a red cube", think_temperature=math.nan)
+
+
+@pytest.mark.parametrize("name", ["it's", "../escape", "a/b", "with space", ""])
+def test_names_with_path_or_quote_characters_are_refused(name):
+    with pytest.raises(InvalidName):
+        check_name(name, "run.name")
+
+
+def test_a_run_name_is_checked_when_the_config_is_built():
+    from irg.train.config import TrainConfig
+
+    with pytest.raises(InvalidName, match="run.name"):
+        TrainConfig.from_dict({"stage": 1, "run": {"name": "../other-run"}})
