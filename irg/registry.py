@@ -158,20 +158,26 @@ def checkpoint_path(model: str) -> str:
     return path
 
 
+def model_version(model: str):
+    """The ``ModelVersion`` that ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``) names now: an alias
+    moves when a version is promoted, so whoever keys work on a model keys it on the version."""
+    tracking.configure()
+    client = MlflowClient()
+    name, _, ref = model.removeprefix("models:/").partition("@")
+    if ref:
+        return client.get_model_version_by_alias(name, ref)
+    name, _, number = model.removeprefix("models:/").partition("/")
+    return client.get_model_version(name, number)
+
+
 def checkpoint_uri(model: str) -> str:
     """Like :func:`checkpoint_path`, but a registered model whose artifacts are in object storage gives
     the checkpoint's ``s3://`` URI there instead of a local download, so Ray workers on any node load
     it directly."""
     if not model.startswith("models:/"):
         return model
-    tracking.configure()
+    version = model_version(model)  # configures tracking first
     client = MlflowClient()
-    name, _, ref = model.removeprefix("models:/").partition("@")
-    if ref:
-        version = client.get_model_version_by_alias(name, ref)
-    else:
-        name, _, number = model.removeprefix("models:/").partition("/")
-        version = client.get_model_version(name, number)
     location = None
     if version.source.startswith("models:/m-"):
         location = client.get_logged_model(version.source.removeprefix("models:/")).artifact_location

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint folder, s3:// URI, irg:NAME or models:/NAME@ALIAS")
     parser.add_argument("--benchmark", default="shapes", help=f"{', '.join(BENCHMARKS)} or a GenEval-format .jsonl")
-    parser.add_argument("--name", help="evaluation name (default: <benchmark>-<model>); reuse it to resume")
+    parser.add_argument("--name", help="evaluation name (default: <benchmark>-<model>, a registered model by its "
+                        "version: <benchmark>-<NAME>-v<VERSION>); reuse it to resume")
     parser.add_argument("--output", help="folder or s3:// URI (default: <store>/eval/<name>)")
     parser.add_argument("--limit", type=int, help="first N prompts (shapes: N prompts drawn from --seed)")
     gen = parser.add_argument_group("generation", "settings left out take the model's defaults")
@@ -88,7 +89,8 @@ def main() -> None:
     except (ValueError, FileNotFoundError, PermissionError, MlflowException) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"report: {cfg.output}/report.json; MLflow experiment {cfg.experiment!r}, run {report.meta.get('run_id')}")
+    print(f"report: {report.meta['output']}/report.json; MLflow experiment {cfg.experiment!r}, "
+          f"evaluation {report.name!r}, run {report.meta['run_id']}")
 
 
 if __name__ == "__main__":

@@ -69,11 +69,11 @@ def test_a_generator_writes_rounds_then_the_record_and_resume_sees_only_finished
 
 def test_an_output_folder_refuses_other_settings(tmp_path):
     cfg = EvalConfig("m", "shapes", name="one", output=str(tmp_path), generation=GenerationSettings(steps=10))
-    _claim_output(cfg)
-    _claim_output(cfg)  # the same evaluation again: fine (a resume)
+    _claim_output(cfg, PROMPTS, "models:/m/1")
+    _claim_output(cfg, PROMPTS, "models:/m/1")  # the same evaluation again: fine (a resume)
     other = EvalConfig("m", "shapes", name="one", output=str(tmp_path), generation=GenerationSettings(steps=20))
-    with pytest.raises(ValueError, match="different generation"):
-        _claim_output(other)
+    with pytest.raises(ValueError, match="generation.steps 10 there, 20 now"):
+        _claim_output(other, PROMPTS, "models:/m/1")
     with pytest.raises(ValueError, match="name"):
         EvalConfig("m", name="has space")
 

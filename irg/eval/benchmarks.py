@@ -72,6 +72,8 @@ def _packaged(name: str) -> str:
 
 
 def _geneval_prompts(lines: list[str], source: str) -> list[EvalPrompt]:
+    from irg.data.synth import CATEGORIES  # GenEval's tags, which the shapes world shares
+
     prompts = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -83,6 +85,8 @@ def _geneval_prompts(lines: list[str], source: str) -> list[EvalPrompt]:
             raise ValueError(f"{source} line {number}: not a GenEval record ({type(e).__name__}: {e})") from e
         if not isinstance(prompt, str) or not isinstance(include, list) or not include:
             raise ValueError(f"{source} line {number}: needs a string prompt and a non-empty include list")
+        if tag not in CATEGORIES:  # the rules depend on it (counting's threshold) and the report groups by it
+            raise ValueError(f"{source} line {number}: unknown tag {tag!r}, expected one of {', '.join(CATEGORIES)}")
         for req in include + record.get("exclude", []):
             if (not isinstance(req, dict) or not isinstance(req.get("class"), str)
                     or not isinstance(req.get("count"), int)):

@@ -2,13 +2,16 @@
 
 Everything is keyed by the evaluation's ``name``: its output folder (``<store>/eval/<name>`` by
 default) and its MLflow run (tag ``irg.run_key``). Running the same name again skips finished
-samples and continues the same run; a different model or different settings under a used name are
-refused, so one report never mixes two configurations.
+samples and continues the same run; another checkpoint, other prompts or other settings under a used
+name are refused, so one report never mixes two configurations. A registered model is keyed on the
+version its alias names when the evaluation starts (and the default name includes it), so promoting
+a new version never resumes from the old one's images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -19,16 +22,20 @@ from irg.eval.benchmarks import EvalPrompt, load_benchmark
 from irg.eval.generate import GenerationSettings, finished_samples, generate_samples, read_image
 from irg.eval.report import Report, build_report, format_table, grid_image
 from irg.eval.scorer_settings import DEFAULT_SCORER, ScorerSettings
+from irg.names import check_name
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "irg-eval"
+REGISTRY_PREFIX = "models:/"
+# Checkpoint files a digest identifies by size and ETag (or modification time) rather than by content.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
 class EvalConfig:
     model: str  # checkpoint folder, s3:// URI, irg:NAME or models:/NAME@ALIAS
     benchmark: str = "shapes"  # geneval | wise | shapes | a GenEval-format .jsonl
-    name: str | None = None  # default: <benchmark>-<model>
+    name: str | None = None  # default (filled in by evaluate()): <benchmark>-<model>, or -<NAME>-v<VERSION>
     output: str | None = None  # default: <store>/eval/<name>, else $IRG_HOME/eval/<name>
     limit: int | None = None
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # None: the model's
@@ -40,13 +47,11 @@ class EvalConfig:
     experiment: str = EXPERIMENT
 
     def __post_init__(self):
-        if self.name is None:
-            self.name = _slug(f"{self.benchmark.rsplit('/', 1)[-1].removesuffix('.jsonl')}-{self.model}")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise ValueError(f"name: {self.name!r} must be letters, digits, '.', '_' or '-'")
         if self.scorer is None:
             self.scorer = ScorerSettings(kind=DEFAULT_SCORER.get(self.benchmark, "geneval"), device=self.device)
-        if self.output is None:
+        if self.name is not None:
+            check_name(self.name, "--name")  # it becomes a folder and a value in MLflow filter strings
+        if self.name is not None and self.output is None:
             store = storage.configured_store()
             self.output = (store.uri(f"eval/{self.name}") if store is not None and store.endpoint_url
                            else str(storage.irg_home() / "eval" / self.name))
@@ -56,13 +61,16 @@ class EvalConfig:
 
 def evaluate(cfg: EvalConfig) -> Report:
     """Generate what is missing, score every round, log the report to MLflow and return it."""
-    prompts = load_benchmark(cfg.benchmark, cfg.limit, seed=cfg.generation.seed)
-    cfg.scorer.check()
+    prompts = checked_prompts(cfg)
     from irg.registry import checkpoint_uri
 
-    model_path = checkpoint_uri(cfg.model)
+    model = pinned_model(cfg.model)
+    model_path = checkpoint_uri(model)
+    if cfg.name is None:
+        cfg = dataclasses.replace(cfg, name=default_name(cfg.benchmark, model))
     cfg = dataclasses.replace(cfg, generation=resolve_settings(model_path, cfg.generation))
-    _claim_output(cfg)
+    checkpoint = model if model.startswith(REGISTRY_PREFIX) else checkpoint_digest(model_path)
+    _claim_output(cfg, prompts, checkpoint)
     tracker = _Tracker(cfg)
     import ray
 
@@ -74,8 +82,8 @@ def evaluate(cfg: EvalConfig) -> Report:
         rows = score_samples(cfg, prompts)
         report = build_report(cfg.name, cfg.scorer.kind, cfg.scorer.overall, prompts, rows,
                               cfg.generation.rounds)
-        report.meta.update({"run_id": tracker.run_id, "model": cfg.model, "benchmark": cfg.benchmark,
-                            "output": cfg.output, **counts})
+        report.meta.update({"run_id": tracker.run_id, "model": cfg.model, "checkpoint": checkpoint,
+                            "benchmark": cfg.benchmark, "output": cfg.output, **counts})
         _write_outputs(cfg, report, rows)
         tracker.log(report, grid_image(cfg.output, prompts, rows, cfg.generation.rounds))
     except BaseException as e:
@@ -84,6 +92,53 @@ def evaluate(cfg: EvalConfig) -> Report:
     tracker.finish("FINISHED")
     print(format_table(report))
     return report
+
+
+def checked_prompts(cfg: EvalConfig) -> list[EvalPrompt]:
+    """The benchmark's prompts, with the scorer built offline and checked against them: a mistake in the
+    scorer's settings fails here, not after hours of generation."""
+    prompts = load_benchmark(cfg.benchmark, cfg.limit, seed=cfg.generation.seed)
+    cfg.scorer.check(prompts)
+    return prompts
+
+
+def pinned_model(model: str) -> str:
+    """``models:/NAME@ALIAS`` as the version the alias names now (``models:/NAME/VERSION``); any other
+    model as given."""
+    if not model.startswith(REGISTRY_PREFIX):
+        return model
+    from irg.registry import model_version
+
+    version = model_version(model)
+    return f"{REGISTRY_PREFIX}{version.name}/{version.version}"
+
+
+def default_name(benchmark: str, model: str) -> str:
+    """``<benchmark>-<model>``, a pinned registered model as ``<NAME>-v<VERSION>``."""
+    if model.startswith(REGISTRY_PREFIX):
+        name, _, version = model.removeprefix(REGISTRY_PREFIX).rpartition("/")
+        model = f"{name}-v{version}"
+    return _slug(f"{benchmark.rsplit('/', 1)[-1].removesuffix('.jsonl')}-{model}")
+
+
+def checkpoint_digest(path: str) -> str:
+    """sha256 of a checkpoint folder's small files and of its weights' names, sizes and ETags (or
+    modification times): a retrained checkpoint at the same path gets a new digest, without reading
+    gigabytes of weights."""
+    from irg.model.checkpoint import resolve_model
+
+    fs, root = storage.filesystem(resolve_model(path))
+    digest = hashlib.sha256()
+    for info in sorted(fs.ls(root, detail=True), key=lambda i: i["name"]):
+        if info["type"] != "file":
+            continue
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(WEIGHT_SUFFIXES):
+            stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+            digest.update(f"{name} {info['size']} {stamp}\n".encode())
+        else:
+            digest.update(f"{name} {hashlib.sha256(fs.cat_file(info['name'])).hexdigest()}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
 
 
 def score_samples(cfg: EvalConfig, prompts: list[EvalPrompt]) -> list[dict]:
@@ -141,22 +196,37 @@ def resolve_settings(model_path: str, settings: GenerationSettings) -> Generatio
                                think_temperature=request.think_temperature)
 
 
-def _claim_output(cfg: EvalConfig) -> None:
-    """Write ``eval.json`` (model, benchmark, settings), or check that the one there matches."""
+def _claim_output(cfg: EvalConfig, prompts: list[EvalPrompt], checkpoint: str) -> None:
+    """Write ``eval.json``, or check that the one there is this evaluation's: the same ``checkpoint``
+    (a pinned registry version or :func:`checkpoint_digest`), prompts and generation settings."""
     uri = storage.join(cfg.output, "eval.json")
+    listed = json.dumps([asdict(p) for p in prompts], sort_keys=True).encode()
     claim = {"name": cfg.name, "model": cfg.model, "benchmark": cfg.benchmark, "limit": cfg.limit,
+             "checkpoint": checkpoint, "prompts": {"count": len(prompts), "sha256": hashlib.sha256(listed).hexdigest()},
              "generation": asdict(cfg.generation)}
     if storage.exists(uri):
         with storage.open_file(uri, "r") as f:
             existing = json.load(f)
-        differs = sorted(k for k in claim if existing.get(k) != claim[k])
+        differs = [f"{key} {old!r} there, {new!r} now" for key, old, new in _changes(existing, claim)]
         if differs:
-            raise ValueError(f"{cfg.output} holds evaluation {existing.get('name')!r} with a different "
-                             f"{', '.join(differs)} ({', '.join(f'{k}={existing.get(k)!r}' for k in differs)}); "
+            raise ValueError(f"{cfg.output} holds evaluation {existing.get('name')!r} of {existing.get('model')!r} "
+                             f"made differently ({'; '.join(differs)}): its images are not this evaluation's; "
                              "choose another --name or --output")
         return
     with storage.open_file(uri, "w") as f:
         json.dump(claim, f, indent=2)
+
+
+def _changes(existing: dict, claim: dict) -> list[tuple[str, object, object]]:
+    """(key, there, now) for each value deciding the images that differs (``generation.steps``, ...)."""
+    changes = []
+    for key in ("checkpoint", "prompts", "generation"):
+        old, new = existing.get(key), claim[key]
+        if isinstance(old, dict):
+            changes += [(f"{key}.{k}", old.get(k), v) for k, v in new.items() if old.get(k) != v]
+        elif old != new:
+            changes.append((key, old, new))
+    return changes
 
 
 def _write_outputs(cfg: EvalConfig, report: Report, rows: list[dict]) -> None:
@@ -197,4 +267,5 @@ class _Tracker:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:120] or "eval"
+    """``text`` as a name :func:`irg.names.check_name` allows (a model path's ``/`` and ``:`` become ``-``)."""
+    return check_name(re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:120] or "eval")

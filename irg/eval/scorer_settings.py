@@ -3,9 +3,12 @@ built again inside each scoring actor (a detector or a judge client does not tra
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from irg.eval.benchmarks import EvalPrompt, geneval_object_names
 from irg.eval.scoring import Scorer
 
 SCORERS = ("shapes", "geneval", "wise")
@@ -28,8 +31,8 @@ class ScorerSettings:
     judge_template: str | None = None  # a file holding the judge prompt ({prompt}, {explanation})
     device: str = "auto"
 
-    def check(self) -> None:
-        """Fail before generating anything when the scorer could not be built."""
+    def check(self, prompts: Sequence[EvalPrompt] = ()) -> None:
+        """Fail before generating anything when the scorer could not be built, or could not score ``prompts``."""
         if self.kind not in SCORERS:
             raise ValueError(f"scorer: unknown {self.kind!r}, expected one of {SCORERS}")
         if self.kind == "geneval":
@@ -45,6 +48,30 @@ class ScorerSettings:
                 raise ValueError("scorer wise needs --judge-url (an OpenAI-compatible /v1 endpoint) and --judge-model")
             if self.judge_template and not os.path.isfile(self.judge_template):
                 raise FileNotFoundError(f"--judge-template {self.judge_template} does not exist")
+            try:  # offline, as each scoring actor will: the judge's URL, rate and concurrency, the template's fields
+                self.build()
+            except ValueError as e:
+                raise ValueError(f"scorer wise: {e}") from None
+        for prompt in prompts:
+            self._check_prompt(prompt)
+
+    def _check_prompt(self, prompt: EvalPrompt) -> None:
+        """WISE's judge needs a prompt's explanation; the GenEval rules need a record whose classes the
+        detector knows (COCO's 80 for geneval, the shapes world's for shapes)."""
+        where = f"scorer {self.kind} cannot score prompt {prompt.id} ({prompt.prompt[:60]!r})"
+        if self.kind == "wise":
+            if "Explanation" not in prompt.metadata:
+                raise ValueError(f"{where}: it has no Explanation, so it is not a WISE prompt; "
+                                 "choose the --scorer these prompts are for")
+            return
+        if "include" not in prompt.metadata:
+            raise ValueError(f"{where}: it is not a GenEval record (no include list); "
+                             "choose the --scorer these prompts are for")
+        known = _known_classes(self.kind)
+        for req in prompt.metadata["include"] + prompt.metadata.get("exclude", []):
+            if req["class"] not in known:
+                raise ValueError(f"{where}: its detector does not know class {req['class']!r}; "
+                                 "choose the --scorer these prompts are for")
 
     @property
     def overall(self) -> str:
@@ -71,14 +98,27 @@ class ScorerSettings:
                                                                                                  device))
         if self.kind == "wise":
             from irg.eval.judge import JudgeClient
-            from irg.eval.wise import WISE_TEMPLATE, WiseScorer
+            from irg.eval.wise import WiseScorer
 
             judge = JudgeClient(self.judge_url, self.judge_model, os.environ.get(self.judge_api_key_env) or None,
                                 requests_per_minute=self.judge_requests_per_minute,
                                 max_concurrency=self.judge_concurrency, cache_dir=self.judge_cache or cache)
-            template = WISE_TEMPLATE
-            if self.judge_template:
-                with open(self.judge_template) as f:
-                    template = f.read()
-            return WiseScorer(judge, template=template)
+            if not self.judge_template:
+                return WiseScorer(judge)
+            with open(self.judge_template) as f:
+                template = f.read()
+            try:
+                return WiseScorer(judge, template=template)
+            except ValueError as e:
+                raise ValueError(f"--judge-template {self.judge_template}: {e}") from None
         raise ValueError(f"scorer: unknown {self.kind!r}, expected one of {SCORERS}")
+
+
+@functools.cache
+def _known_classes(kind: str) -> frozenset[str]:
+    """The object classes the ``geneval`` or ``shapes`` scorer's detector can find."""
+    if kind == "shapes":
+        from irg.data.synth import SHAPES
+
+        return frozenset(SHAPES)
+    return frozenset(geneval_object_names())
