@@ -69,9 +69,10 @@ def test_a_promoted_version_gets_its_own_evaluation_and_never_the_old_images(tmp
     promotion: each version gets its own default name and output; the old name refuses the new version."""
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("IRG_HOME", str(tmp_path / "home"))
-    client = MlflowClient()
+    client = MlflowClient(uri)  # not the process-wide URI an earlier test set
     client.create_registered_model("tiny")
     for _ in range(2):
         client.create_model_version("tiny", source=str(FIXTURE_DIR))
