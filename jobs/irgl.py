@@ -13,7 +13,7 @@ import logging
 import sys
 
 from irg.train import INPUT_ERRORS, load_config
-from irg.train.trainer import run_irgl
+from irg.train.config import name_override
 
 
 def main() -> None:
@@ -24,14 +24,13 @@ def main() -> None:
                         help="override a setting of both stages, e.g. --set data.root=s3://bucket/irgl")
     parser.add_argument("--no-register", action="store_true", help="do not register the final model")
     args = parser.parse_args()
-    overrides = args.overrides + ([f"run.name={args.name}"] if args.name else [])
-    try:
-        configs = {stage: load_config(args.config, stage, overrides) for stage in (1, 2)}
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:  # Ray starts (or, in a submitted job, connects) when the trainer runs, after the checks
+    try:  # a bad name or setting is one line before Ray is even imported
+        overrides = args.overrides + ([name_override(args.name)] if args.name else [])
+        configs = {stage: load_config(args.config, stage, overrides) for stage in (1, 2)}
+        from irg.train.trainer import run_irgl  # Ray starts (or connects) when it runs, after its own checks
+
         results, version = run_irgl(configs, job_name=configs[1].run.name, register=not args.no_register)
     except INPUT_ERRORS as e:
         print(f"irgl: error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from irg.data.irgl_synthesis import ray_drawer, synthesize_from_model
 from irg.device import DEVICE_HELP, DTYPE_CHOICES
+from irg.names import check_name
 from irg.pipeline.prompts import SYSTEM_PROMPT
 
 JUDGES = ("shapes", "chat")
@@ -79,6 +80,7 @@ def main() -> None:
     try:
         from irg.registry import checkpoint_uri
 
+        check_name(args.prefix, "--prefix")  # part and summary file names: a '/' would leave the mode folders
         system_prompt = args.system_prompt_file.read_text() if args.system_prompt_file else SYSTEM_PROMPT
         judge = make_judge(args)
         draw = ray_drawer(checkpoint_uri(args.model), workers=args.workers, batch_size=args.batch_size,

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from irg.train import INPUT_ERRORS, load_config
-from irg.train.trainer import run_stage
+from irg.train.config import name_override
 
 
 def main() -> None:
@@ -20,14 +20,13 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set scaling.num_workers=16 (repeatable)")
     args = parser.parse_args()
-    overrides = args.overrides + ([f"run.name={args.name}"] if args.name else [])
-    try:
-        config = load_config(args.config, args.stage, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:  # Ray starts (or, in a submitted job, connects) when the trainer runs, after the checks
+    try:  # a bad name or setting is one line before Ray is even imported
+        overrides = args.overrides + ([name_override(args.name)] if args.name else [])
+        config = load_config(args.config, args.stage, overrides)
+        from irg.train.trainer import run_stage  # Ray starts (or connects) when it runs, after its own checks
+
         result = run_stage(config)
     except INPUT_ERRORS as e:
         print(f"train: error: {e}", file=sys.stderr)

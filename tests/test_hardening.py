@@ -82,5 +82,5 @@ def test_names_with_path_or_quote_characters_are_refused(name):
 def test_a_run_name_is_checked_when_the_config_is_built():
     from irg.train.config import TrainConfig
 
-    with pytest.raises(InvalidName, match="run.name"):
+    with pytest.raises(ValueError, match=r"run\.name '\.\./other-run': first character '\.' is not allowed"):
         TrainConfig.from_dict({"stage": 1, "run": {"name": "../other-run"}})

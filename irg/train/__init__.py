@@ -8,9 +8,11 @@ no Ray; only ``trainer`` and ``loop`` do.
 
 from irg.data.plan import DataPlanError
 from irg.model.checkpoint import CheckpointError
-from irg.train.config import TrainConfig, load_config
+from irg.names import InvalidName
+from irg.train.config import ConfigError, TrainConfig, load_config
 
-# Problems with what the user gave (data, checkpoint, storage access), reported without a traceback.
-INPUT_ERRORS = (DataPlanError, CheckpointError, FileNotFoundError, PermissionError)
+# Problems with what the user gave (settings, names, data, checkpoint, storage access), reported without a
+# traceback.
+INPUT_ERRORS = (ConfigError, InvalidName, DataPlanError, CheckpointError, FileNotFoundError, PermissionError)
 
-__all__ = ["INPUT_ERRORS", "TrainConfig", "load_config"]
+__all__ = ["INPUT_ERRORS", "ConfigError", "TrainConfig", "load_config"]
