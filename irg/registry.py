@@ -20,6 +20,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from irg import storage, tracking
+from irg.names import check_name
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEFAULT_SEED = 0  # a prediction without a seed is repeatable
@@ -80,12 +81,17 @@ def requirements() -> list[str]:
 
 def log_model(model_uri: str, registered_model_name: str, run_id: str | None = None):
     """Log the BAGEL checkpoint at ``model_uri`` (folder, s3:// or irg:NAME) as a pyfunc in ``run_id``
-    (or a new run) and register it; returns the new ``ModelVersion``."""
+    (or a new run) and register it; returns the new ``ModelVersion``, or the version ``run_id`` already
+    registered under that name (a resubmitted job adds no version)."""
     from mlflow.models import infer_signature
 
     from irg.model.checkpoint import resolve_model
     from irg.pipeline import model_defaults
 
+    if run_id is not None:
+        existing = registered_version(registered_model_name, run_id)
+        if existing is not None:
+            return existing
     model_uri = resolve_model(model_uri)
     params = generation_params(model_defaults(model_uri))
     signature = infer_signature(pd.DataFrame({"prompt": ["a red cube"]}), params=params)
@@ -100,6 +106,13 @@ def log_model(model_uri: str, registered_model_name: str, run_id: str | None = N
             mlflow.set_tag("irg.registered_model", f"{registered_model_name}/{info.registered_model_version}")
     client = MlflowClient()
     return client.get_model_version(registered_model_name, str(info.registered_model_version))
+
+
+def registered_version(name: str, run_id: str):
+    """The first version of ``name`` registered from run ``run_id``, or None."""
+    check_name(run_id, "run id")  # a quote would break the filter string
+    versions = [v for v in MlflowClient().search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+    return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
 def _local_copy(uri: str, dest: str) -> str:

@@ -157,22 +157,27 @@ class StoreConfig:
     def has_keys(self) -> bool:
         return bool(self.access_key and self.secret_key)
 
-    def env(self) -> dict[str, str]:
+    def env(self, secrets: bool = True) -> dict[str, str]:
         """Environment variables that carry this configuration to a subprocess or a Ray ``runtime_env``.
 
         The standard AWS variables (read by botocore, s3fs and :meth:`load`), ``MLFLOW_S3_ENDPOINT_URL``
         (MLflow's artifact client ignores ``AWS_ENDPOINT_URL``) and ``IRG_BUCKET``. Unset fields are
-        left out, so the receiver falls back to its own defaults for them.
+        left out, so the receiver falls back to its own defaults for them. ``secrets=False`` is for a
+        Ray ``runtime_env``, which job and actor details show: the keys are left out (workers read them
+        from their own environment, e.g. a Kubernetes ``secretKeyRef``), and a config read from a file
+        is named by ``$IRG_STORE_CONFIG`` instead, so workers that can see the file read the keys there.
         """
         out: dict[str, str] = {}
         if self.endpoint_url:
             out[ENDPOINT_ENV] = self.endpoint_url
             out[MLFLOW_ENDPOINT_ENV] = self.endpoint_url
-        if self.has_keys:
+        if self.has_keys and secrets:
             out[ACCESS_KEY_ENV] = self.access_key
             out[SECRET_KEY_ENV] = self.secret_key
             if self.session_token:
                 out[SESSION_TOKEN_ENV] = self.session_token
+        if not secrets and self.source:
+            out[CONFIG_ENV] = self.source
         out[REGION_ENV] = self.region
         out["AWS_REGION"] = self.region
         out[BUCKET_ENV] = self.bucket

@@ -3,15 +3,20 @@
 Where to track (:func:`tracking_uri`), pointing a process at it and at the object store
 (:func:`configure`), experiments with their artifact location (:func:`experiment_id`), the run a
 (re)started job logs to (:func:`find_or_create_run`: runs are found by a key tag, ``irg.run_key``, so a
-resubmitted job continues its run instead of opening a new one) and a small logger
-(:class:`RunLogger`). What only training logs (sample images, loss curves) lives in ``irg.train``.
+resubmitted job continues its run instead of opening a new one), a small logger (:class:`RunLogger`)
+and the one training uses (:class:`BestEffortLogger`: an MLflow outage must not stop a run). Params
+and tags pass :func:`redact` first, so credentials in a config never reach the tracking server. What
+only training logs (sample images, loss curves) lives in ``irg.train``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlflow
@@ -27,6 +32,16 @@ RUN_KEY_TAG = "irg.run_key"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 BATCH = 100  # params per log_batch call (MLflow accepts at most 100)
+MASK = "***"
+# Words that make a config key's value a secret (whole words of the key: max_tokens is no token).
+SECRET_WORDS = frozenset({"key", "keys", "secret", "secrets", "token", "password", "passwd", "pwd", "credential",
+                          "credentials", "apikey"})
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@/\s]*@")
+# MLflow retries a failed HTTP request 7 times with exponential backoff (minutes in all): the
+# best-effort logger makes one try per attempt and does its own, short, retrying.
+_ONE_HTTP_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +75,17 @@ def configure(config: TrackingConfig | None = None, store: storage.StoreConfig |
     return uri
 
 
+def worker_env(config: TrackingConfig | None, store: storage.StoreConfig | None) -> dict[str, str]:
+    """The ``runtime_env`` variables a Ray job's workers need to reach the object store and the tracking
+    server (the driver is configured too). No secrets: a runtime_env shows in the job's and actors'
+    details, so store keys, and a tracking URI with a password, come from the workers' own environment."""
+    env = store.env(secrets=False) if store else {}
+    uri = configure(config, store)
+    if hide_passwords(uri) == uri:
+        env[TRACKING_URI_ENV] = uri
+    return env
+
+
 def artifact_location(config: TrackingConfig, store: storage.StoreConfig | None) -> str | None:
     """Where new experiments keep artifacts: configured, else the object store's ``mlflow/`` prefix."""
     if config.artifact_location:
@@ -84,6 +110,31 @@ def find_run(client: MlflowClient, experiment: str, key: str):
     return found[0] if found else None
 
 
+def hide_passwords(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it masked."""
+    return _URI_PASSWORD.sub(lambda m: f"{m['head']}:{MASK}@", text)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a (dotted) config key names a credential: one of its words is in :data:`SECRET_WORDS`."""
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower())
+    return not SECRET_WORDS.isdisjoint(words)
+
+
+def redact(values: dict) -> dict:
+    """What may be logged of a config dict (flat or nested): secret-looking keys' values masked,
+    passwords in URIs hidden."""
+    out = {}
+    for key, value in values.items():
+        if is_secret_key(key) and value not in (None, "", "None"):
+            out[key] = MASK
+        elif isinstance(value, dict):
+            out[key] = redact(value)
+        else:
+            out[key] = hide_passwords(value) if isinstance(value, str) else value
+    return out
+
+
 def find_or_create_run(client: MlflowClient, experiment: str, key: str, parent_run_id: str | None = None,
                        tags: dict | None = None) -> str:
     """The run tagged ``irg.run_key=key`` (reopened), or a new one."""
@@ -91,7 +142,7 @@ def find_or_create_run(client: MlflowClient, experiment: str, key: str, parent_r
     if found is not None:
         client.update_run(found.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return found.info.run_id
-    run_tags = {RUN_KEY_TAG: key, **(tags or {})}
+    run_tags = {RUN_KEY_TAG: key, **redact(tags or {})}
     if parent_run_id:
         run_tags[PARENT_TAG] = parent_run_id
     return client.create_run(experiment, run_name=key, tags=run_tags).info.run_id
@@ -102,12 +153,13 @@ class RunLogger:
     tags, dicts and images."""
 
     def __init__(self, uri: str, run_id: str):
+        self.uri = uri
         self.client = MlflowClient(uri)
         self.run_id = run_id
 
     def log_params(self, params: dict[str, str]) -> None:
         existing = self.client.get_run(self.run_id).data.params
-        new = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in params.items() if k not in existing]
+        new = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in redact(params).items() if k not in existing]
         for i in range(0, len(new), BATCH):
             self.client.log_batch(self.run_id, params=new[i: i + BATCH])
 
@@ -116,11 +168,14 @@ class RunLogger:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
+        for k, v in redact(tags).items():
             self.client.set_tag(self.run_id, k, v)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
+
+    def metric_history(self, name: str) -> list[Metric]:
+        return self.client.get_metric_history(self.run_id, name)
 
     def log_image(self, image: Image.Image, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,3 +185,74 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+class BestEffortLogger(RunLogger):
+    """The logger training uses: an MLflow outage (a restart, a network blip) must not raise inside a
+    worker, where Ray Train would restart the whole group and use up ``max_failures``.
+
+    A failed call is retried ``attempts`` times with a short backoff, then skipped (returning None) with
+    one warning line; while the server stays away, later calls are tried once each and skipped quietly,
+    so training runs at full speed. The next call that gets through ends the outage with one more line.
+    Metrics of the skipped steps are missing from the run; the run goes on.
+    """
+
+    def __init__(self, uri: str, run_id: str, attempts: int = 3, backoff_s: float = 0.5):
+        super().__init__(uri, run_id)
+        self.attempts, self.backoff_s = attempts, backoff_s
+        self.skipped = 0  # calls skipped since the server last answered
+
+    def _try(self, call, *args):
+        attempts = 1 if self.skipped else self.attempts
+        for attempt in range(attempts):
+            try:
+                with _one_http_try():
+                    result = call(*args)
+            except Exception as e:  # noqa: BLE001 (any failure of tracking is skipped: training matters more)
+                if attempt + 1 < attempts:
+                    time.sleep(self.backoff_s * 2 ** attempt)
+                    continue
+                if not self.skipped:
+                    reason = (str(e).strip().splitlines() or [""])[0][:200]
+                    log.warning("MLflow at %s failed %s (%s: %s); logging is skipped until it answers, training "
+                                "goes on", hide_passwords(self.uri), call.__name__, type(e).__name__, reason)
+                self.skipped += 1
+                return None
+            if self.skipped:
+                log.warning("MLflow at %s answers again; %d logging call(s) were skipped", hide_passwords(self.uri),
+                            self.skipped)
+                self.skipped = 0
+            return result
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._try(super().log_params, params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._try(super().log_metrics, metrics, step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._try(super().set_tags, tags)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._try(super().log_dict, data, artifact_file)
+
+    def log_image(self, image: Image.Image, artifact_file: str) -> None:
+        self._try(super().log_image, image, artifact_file)
+
+    def metric_history(self, name: str) -> list[Metric]:
+        return self._try(super().metric_history, name) or []
+
+
+@contextmanager
+def _one_http_try():
+    """MLflow's HTTP client set to one try per request (it reads these variables at each request)."""
+    saved = {name: os.environ.get(name) for name in _ONE_HTTP_TRY}
+    os.environ.update(_ONE_HTTP_TRY)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -2,7 +2,7 @@
 -> MLflow (sqlite, artifacts on the object store) -> export -> model registry.
 
 One job runs both stages (stage 1 with ZeRO-2 and a worker killed mid-run, stage 2 with ZeRO-3 from
-stage 1's EMA); the tests below check what it left behind.
+stage 1's EMA and its tracking server unreachable for one step); the tests below check what it left behind.
 """
 
 import json
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration  # a local Ray cluster, SeaweedFS, DeepSpee
 
 JOB = "irgl-test"
 TINY_CONFIG = str(REPO / "jobs" / "configs" / "tiny.yaml")
-STAGE1_STEPS, STAGE2_STEPS, KILL_AT = 30, 6, 15
+STAGE1_STEPS, STAGE2_STEPS, KILL_AT, OUTAGE_AT = 30, 6, 15, 3
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,8 @@ def configs(stack, name=JOB):
         1: load_config(TINY_CONFIG, 1, common + [
             f"run.max_steps={STAGE1_STEPS}", "run.checkpoint_every=10", f"run.fault_drill_step={KILL_AT}"]),
         2: load_config(TINY_CONFIG, 2, common + [
-            f"run.max_steps={STAGE2_STEPS}", "run.checkpoint_every=3", "deepspeed.zero_stage=3"]),
+            f"run.max_steps={STAGE2_STEPS}", "run.checkpoint_every=3", "deepspeed.zero_stage=3",
+            f"tracking.outage_drill_step={OUTAGE_AT}"]),
     }
 
 
@@ -134,7 +135,22 @@ def test_stage2_runs_zero3_on_the_full_modes_from_the_stage1_ema(job):
     weights = {k.removeprefix("data.weights."): float(v) for k, v in run.data.params.items()
                if k.startswith("data.weights.")}
     assert weights == {m: 1.0 for m in FULL_MODES}
-    assert sorted(history(client, stage2.run_id, "loss")) == list(range(1, STAGE2_STEPS + 1))
+
+
+def test_stage2_trains_through_a_tracking_outage(stack, job):
+    """MLflow unreachable from the workers at step 3 (metrics, loss curve and sample of that checkpoint):
+    the logging is skipped, training goes on in the same run, and Ray Train never restarted the workers."""
+    client, stage2 = job["client"], job["results"][2]
+    assert stage2.metrics["step"] == STAGE2_STEPS
+    steps = set(range(1, STAGE2_STEPS + 1)) - {OUTAGE_AT}
+    assert sorted(history(client, stage2.run_id, "loss")) == sorted(steps)
+    assert sorted(history(client, stage2.run_id, "data_rows_read")) == [STAGE2_STEPS]
+    samples = {a.path for a in client.list_artifacts(stage2.run_id, "samples")}
+    assert samples == {f"samples/step_{STAGE2_STEPS:07d}.png"}
+    run = client.get_run(stage2.run_id)
+    assert run.info.status == "FINISHED" and "irg.resumes" not in run.data.tags  # no worker group restart
+    experiment = client.get_experiment_by_name("irgl-tiny").experiment_id
+    assert len(client.search_runs([experiment], f"tags.`{RUN_KEY_TAG}` = '{JOB}-stage2'")) == 1
 
 
 def test_the_export_reproduces_the_trained_ema_model(stack, job):
@@ -192,10 +208,13 @@ def test_registry_round_trip(stack, job):
 
 
 def test_a_resubmitted_job_continues_its_runs(stack, job):
-    """Same name again: both stages are already at their last step, so nothing trains, no run is added."""
+    """Same name again: both stages are already at their last step, so nothing trains, no run or model
+    version is added."""
     client = job["client"]
     before = len(client.search_runs([client.get_experiment_by_name("irgl-tiny").experiment_id]))
-    results, _ = run_irgl(configs(stack), job_name=JOB, register=False)
+    results, version = run_irgl(configs(stack), job_name=JOB)
     assert results[1].run_id == job["results"][1].run_id and results[2].run_id == job["results"][2].run_id
+    assert version.version == job["version"].version
+    assert len(client.search_model_versions("name = 'irg-test'")) == 1
     assert len(client.search_runs([client.get_experiment_by_name("irgl-tiny").experiment_id])) == before
     assert sorted(history(client, results[1].run_id, "loss")) == list(range(1, STAGE1_STEPS + 1))

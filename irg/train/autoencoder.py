@@ -31,7 +31,7 @@ from irg import storage
 from irg.data.synth import make_example, measure
 from irg.model.autoencoder import AutoEncoder
 from irg.model.config import AEConfig
-from irg.tracking import RunLogger, TrackingConfig, tracking_uri
+from irg.tracking import BestEffortLogger, TrackingConfig, tracking_uri
 from irg.train.figures import image_strip, log_loss_curve
 from irg.transforms import normalize
 
@@ -104,7 +104,8 @@ def ae_loop_per_worker(config: dict) -> None:
             with open(os.path.join(folder, STATE_FILE)) as f:
                 step = json.load(f)["step"]
     model = ray.train.torch.prepare_model(autoencoder) if context.get_world_size() > 1 else autoencoder
-    logger = RunLogger(tracking_uri(cfg.tracking), cfg.mlflow_run_id) if rank == 0 and cfg.mlflow_run_id else None
+    logger = BestEffortLogger(tracking_uri(cfg.tracking), cfg.mlflow_run_id) \
+        if rank == 0 and cfg.mlflow_run_id else None
     if logger and step == 0:
         logger.log_params({f"ae.{k}": str(v) for k, v in dataclasses.asdict(cfg.ae).items()}
                           | {k: str(v) for k, v in cfg.to_dict().items() if k not in ("ae", "tracking")})
@@ -199,7 +200,7 @@ def train_autoencoder(cfg: AETrainConfig, out: str) -> dict:
     from mlflow import MlflowClient
     from ray.train.torch import TorchTrainer
 
-    from irg.tracking import TRACKING_URI_ENV, configure, experiment_id, find_or_create_run
+    from irg.tracking import configure, experiment_id, find_or_create_run, worker_env
 
     store = storage.configured_store()
     client = MlflowClient(configure(cfg.tracking, store))
@@ -208,7 +209,7 @@ def train_autoencoder(cfg: AETrainConfig, out: str) -> dict:
     cfg = dataclasses.replace(cfg, mlflow_run_id=run_id)
     root = cfg.storage or storage.StoreConfig.load().uri("runs")
     filesystem, path = storage.arrow_filesystem(root, store)
-    env = {**(store.env() if store else {}), TRACKING_URI_ENV: configure(cfg.tracking, store)}
+    env = worker_env(cfg.tracking, store)
     trainer = TorchTrainer(
         ae_loop_per_worker, train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers,

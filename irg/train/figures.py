@@ -17,7 +17,7 @@ def log_loss_curve(logger: RunLogger, metrics: tuple[str, ...] = LOSS_METRICS) -
     history = {}
     for name in metrics:
         points = {}
-        for m in sorted(logger.client.get_metric_history(logger.run_id, name), key=lambda m: m.timestamp):
+        for m in sorted(logger.metric_history(name), key=lambda m: m.timestamp):
             points[m.step] = m.value
         if points:
             history[name] = sorted(points.items())

@@ -15,6 +15,7 @@ from functools import reduce
 import ray.train
 import ray.train.torch
 import torch
+from mlflow import MlflowClient
 from tqdm import tqdm
 
 from irg import storage
@@ -22,7 +23,7 @@ from irg.data.plan import DataPosition
 from irg.data.sequence import SpecialTokens
 from irg.model import load_pretrained
 from irg.pipeline import IRGPipeline, model_defaults
-from irg.tracking import RunLogger, tracking_uri
+from irg.tracking import BestEffortLogger, tracking_uri
 from irg.train.checkpointing import FAULT_DRILL_MARKER, TrainState, read_checkpoint, run_path, write_checkpoint
 from irg.train.config import TrainConfig
 from irg.train.data import WorkerBatches, all_gather_objects
@@ -30,6 +31,8 @@ from irg.train.ema import ShardedEMA
 from irg.train.engine import deepspeed_engine, prepare_model
 from irg.train.figures import image_strip, log_loss_curve
 from irg.train.step import StepResult, peak_flops, train_step
+
+CLOSED_PORT_URI = "http://127.0.0.1:1"  # where the tracking-outage drill sends rank 0's logging
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -48,7 +51,8 @@ def train_loop_per_worker(config: dict) -> None:
     ema = ShardedEMA(engine.module, cfg.optim.ema_decay, rank, world)
 
     state = restore(engine, ema, rank) or TrainState(mlflow_run_id=cfg.mlflow_run_id)
-    logger = RunLogger(tracking_uri(cfg.tracking), state.mlflow_run_id) if rank == 0 and state.mlflow_run_id else None
+    logger = BestEffortLogger(tracking_uri(cfg.tracking), state.mlflow_run_id) \
+        if rank == 0 and state.mlflow_run_id else None
     if logger:
         logger.log_params(cfg.flat())
         if state.step:
@@ -67,6 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
                             cfg.optim.mse_weight, vit_trainable=not cfg.model.freeze_vit)
         ema.update()
         state.step += 1
+        tracking_outage_drill(cfg, state.step, logger)
         window.append(result)
         progress.update(1)
         progress.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
@@ -175,3 +180,12 @@ def fault_drill(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
     with storage.open_file(marker, "w") as f:
         f.write(f"killed rank {rank} at step {step}\n")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def tracking_outage_drill(cfg: TrainConfig, step: int, logger: BestEffortLogger | None) -> None:
+    """Send rank 0's logging of step ``tracking.outage_drill_step`` to a closed port: a real MLflow
+    outage (connection refused), to prove training goes on without its tracking server."""
+    drill = cfg.tracking.outage_drill_step
+    if logger is None or drill is None or step not in (drill, drill + 1):
+        return
+    logger.client = MlflowClient(CLOSED_PORT_URI if step == drill else logger.uri)
