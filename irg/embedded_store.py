@@ -173,12 +173,17 @@ def _weed_command(weed: str, data_dir: Path, bucket: str, ports: dict[str, int])
     return args
 
 
-def _check_bucket_name(bucket: str) -> None:
-    # weed only logs a warning for an invalid name and then never creates the bucket.
+def _check_server_settings(bucket: str, s3_port: int | None) -> None:
+    """Refuse what weed would not report: it only logs a warning for an invalid bucket name and then
+    never creates the bucket, and a port out of range fails deep inside its start-up."""
     import re
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-        raise ValueError(f"invalid bucket name {bucket!r}: 3-63 lowercase letters, digits, '.' or '-'")
+        raise ValueError(f"invalid bucket name {bucket!r}: S3 bucket names are 3-63 lowercase letters, digits, "
+                         "'.' or '-', starting and ending with a letter or digit")
+    if s3_port is not None and not 0 < s3_port <= 65535 - GRPC_OFFSET:
+        raise ValueError(f"S3 port {s3_port} out of range: must be 1-{65535 - GRPC_OFFSET} "
+                         f"(the store also listens on port + {GRPC_OFFSET}, and ports end at 65535)")
 
 
 # --- health ------------------------------------------------------------------------------------------
@@ -350,7 +355,7 @@ class SeaweedS3:
         """
         if self.process is not None:
             raise RuntimeError("server already started")
-        _check_bucket_name(self.bucket)
+        _check_server_settings(self.bucket, self.s3_port)
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
         (self.data_dir / "admin").mkdir(parents=True, exist_ok=True)
         for attempt in range(1, attempts + 1):
@@ -522,9 +527,7 @@ def up(data_dir: str | os.PathLike | None = None, config: StoreConfig | None = N
     data_dir = Path(data_dir).absolute() if data_dir is not None else default_data_dir()
     explicit = config is not None
     config = _server_config(config)
-    _check_bucket_name(config.bucket)
-    if not 0 < s3_port < 65536 - GRPC_OFFSET:
-        raise ValueError(f"S3 port {s3_port} out of range: it and port + {GRPC_OFFSET} must be valid ports")
+    _check_server_settings(config.bucket, s3_port)
     data_dir.mkdir(parents=True, exist_ok=True)
     with _locked(data_dir):
         state = _read_state(data_dir)

@@ -15,13 +15,19 @@ order, each later source overriding the earlier:
 
 ``s3://bucket/key`` URIs go through s3fs with that configuration; everything else is a local path
 (``file://`` included), so plain local paths work wherever an ``s3://`` URI does.
+
+Nothing half-written is published: :func:`open_file` writes a file atomically, and
+:func:`staged_folder` a whole folder (a checkpoint, an export).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import secrets
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +35,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import fsspec
+from fsspec.spec import AbstractBufferedFile
 
 # The names and defaults every part uses (the embedded store, jobs, Ray runtime environments).
 CONFIG_ENV = "IRG_STORE_CONFIG"
@@ -296,11 +303,148 @@ def exists(uri: str | os.PathLike, config: StoreConfig | None = None) -> bool:
 
 
 def open_file(uri: str | os.PathLike, mode: str = "rb", config: StoreConfig | None = None) -> IO:
+    """``uri`` opened in ``mode``; a write (``"w"``, ``"wb"``) is atomic, see :class:`AtomicWriter`."""
     fs, path = filesystem(uri, config)
-    if "w" in mode and not is_remote(uri):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if "w" not in mode:
+        with _explain_denied(uri, config):
+            return fs.open(path, mode)
+    if not is_remote(uri):
+        return _local_writer(path, mode)
     with _explain_denied(uri, config):
-        return fs.open(path, mode)
+        file = fs.open(path, mode)
+    return AtomicWriter(file, discard=lambda: _discard_upload(fs, path, file))
+
+
+class AtomicWriter:
+    """A file open for writing whose content appears at its name only when it is closed without an error.
+
+    fsspec completes an upload even when the ``with`` block raised, and a local write overwrites in
+    place, so a failed write would otherwise leave a truncated file that later counts as done. Local
+    files are written to a hidden sibling and moved into place; S3 uploads are aborted on an error.
+    Everything else (``write``, ``tell``, ...) is the underlying file's.
+    """
+
+    def __init__(self, file: IO, discard: Callable[[], None], publish: Callable[[], None] = lambda: None):
+        self._file, self._discard, self._publish = file, discard, publish
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+    def __enter__(self) -> AtomicWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def close(self) -> None:
+        """Finish the write and publish the file."""
+        if not self._file.closed:
+            self._file.close()
+            self._publish()
+
+    def abort(self) -> None:
+        """Throw the write away; whatever was at the name before stays as it was."""
+        if not self._file.closed:
+            self._discard()
+
+
+def _local_writer(path: str, mode: str) -> AtomicWriter:
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    staging = os.path.join(folder, _partial_name(name))
+    file = open(staging, mode.replace("w", "x"))  # noqa: SIM115 (AtomicWriter closes it)
+
+    def discard() -> None:
+        file.close()
+        os.remove(staging)
+
+    return AtomicWriter(file, discard, publish=lambda: os.replace(staging, path))
+
+
+def _discard_upload(fs: fsspec.AbstractFileSystem, path: str, file: IO) -> None:
+    """Drop what an fsspec file has buffered and abort its multipart upload (s3fs), so no object appears.
+
+    Closing would complete the upload, so the file is marked closed instead (a text wrapper follows
+    the binary file it wraps).
+    """
+    raw = file.buffer if isinstance(file, io.TextIOWrapper) else file
+    if isinstance(raw, AbstractBufferedFile):
+        raw.discard()
+        raw.closed = True
+    else:  # e.g. memory://, which publishes at open: take the partial object away again
+        file.close()
+        fs.rm(path)
+
+
+def _partial_name(name: str) -> str:
+    """A sibling name for ``name`` while it is being written: hidden, unique, never taken for the real one."""
+    return f".{name}.partial-{secrets.token_hex(4)}"
+
+
+@contextmanager
+def staged_folder(uri: str | os.PathLike, overwrite: bool = False, config: StoreConfig | None = None):
+    """Write a whole folder (a checkpoint, an export) so that nothing appears at ``uri`` until all of it is written.
+
+    Yields a staging location, a hidden sibling of ``uri`` on the same filesystem, to write into; on a
+    normal exit it is moved to ``uri`` (local: one rename; S3: each object copied to its final key,
+    then the staging objects deleted), on an error it is removed. A ``uri`` that already has content
+    is refused unless ``overwrite``, which replaces that content.
+    """
+    uri = str(uri).rstrip("/")
+    fs, path = filesystem(uri, config)
+    if "/" not in path.strip("/"):
+        raise ValueError(f"{uri} names no folder inside a bucket or folder to write into")
+    _refuse_content(fs, path, uri, overwrite)
+    parent, _, name = path.rpartition("/")
+    staging = f"{parent}/{_partial_name(name)}"
+    if not is_remote(uri):
+        os.makedirs(staging)
+    try:
+        yield f"{uri.split('://', 1)[0]}://{staging}" if is_remote(uri) else staging
+        _refuse_content(fs, path, uri, overwrite)
+        with _explain_denied(uri, config):
+            (_move_remote_folder if is_remote(uri) else _move_local_folder)(fs, staging, path)
+    finally:
+        fs.invalidate_cache(staging)
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+
+
+def _files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The files at or under ``path``; not directories, which some S3 servers (SeaweedFS) keep once emptied."""
+    fs.invalidate_cache(path)
+    return [name for name, info in fs.find(path, detail=True).items() if info["type"] == "file"]
+
+
+def _refuse_content(fs: fsspec.AbstractFileSystem, path: str, uri: str, overwrite: bool) -> None:
+    if not overwrite and _files(fs, path):
+        raise FileExistsError(f"{uri} already exists with content: write elsewhere, or pass overwrite=True")
+
+
+def _move_local_folder(fs: fsspec.AbstractFileSystem, staging: str, path: str) -> None:
+    """One rename; old content is renamed aside first, since a folder only replaces an empty one."""
+    old = None
+    if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        old = os.path.join(os.path.dirname(path), _partial_name(os.path.basename(path)) + ".old")
+        os.replace(path, old)
+    os.replace(staging, path)
+    if old is not None:
+        fs.rm(old, recursive=True)
+
+
+def _move_remote_folder(fs: fsspec.AbstractFileSystem, staging: str, path: str) -> None:
+    """S3 has no rename: copy each object to its final key, then delete what the new folder does not have."""
+    old = set(_files(fs, path))
+    new = set()
+    for source in _files(fs, staging):
+        target = path + source[len(staging):]
+        fs.copy(source, target)
+        new.add(target)
+    if old - new:
+        fs.rm(sorted(old - new))
 
 
 def configured_store() -> StoreConfig | None:

@@ -89,10 +89,8 @@ def import_dataset(src: str, dst: str, store: storage.StoreConfig | None = None,
         "issues": [_issue(i, src_root) for i in issues],
         "ignored_folders": _ignored_folders(src_fs, src_root),
     }
-    if not storage.is_remote(dst):
-        dst_fs.create_dir(dst_root)  # a local destination that got no rows
-    with dst_fs.open_output_stream(posixpath.join(dst_root, MANIFEST)) as f:
-        f.write(json.dumps(manifest, indent=1).encode())
+    with storage.open_file(storage.join(dst, MANIFEST), "w", store) as f:  # atomic: the manifest means complete
+        json.dump(manifest, f, indent=1)
     return manifest
 
 

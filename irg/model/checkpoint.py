@@ -200,14 +200,15 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def save_pretrained(
     path: str | os.PathLike, model: Bagel, autoencoder: AutoEncoder, tokenizer, dtype: torch.dtype | None = None,
-    generation_config: dict | None = None,
+    generation_config: dict | None = None, overwrite: bool = False,
 ) -> None:
     """Write the official layout (plus ``ae_config.json`` and ``bagel_config.json``) to a folder or URI,
     and ``generation_config.json`` when ``generation_config`` is not empty.
 
-    The tokenizer is required: a checkpoint without one cannot be loaded.
+    The tokenizer is required: a checkpoint without one cannot be loaded. The files are staged and
+    moved into place together (:func:`irg.storage.staged_folder`), so a write that fails halfway leaves
+    nothing at ``path``; a ``path`` with content is refused unless ``overwrite``.
     """
-    path = str(path)
     config = model.config
     llm = asdict(config.llm) | {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
@@ -224,13 +225,14 @@ def save_pretrained(
              ("ae_config.json", asdict(config.ae)), ("bagel_config.json", bagel)]
     if generation_config:
         files.append((GENERATION_CONFIG, generation_config))
-    for name, content in files:
-        with storage.open_file(storage.join(path, name), "w") as f:
-            json.dump(content, f, indent=2)
-    for name, module in (("ema.safetensors", model), ("ae.safetensors", autoencoder)):
-        with storage.open_file(storage.join(path, name), "wb") as f:
-            write_safetensors(f, module.state_dict(), dtype)
-    _save_tokenizer(tokenizer, path)
+    with storage.staged_folder(path, overwrite=overwrite) as staging:
+        for name, content in files:
+            with storage.open_file(storage.join(staging, name), "w") as f:
+                json.dump(content, f, indent=2)
+        for name, module in (("ema.safetensors", model), ("ae.safetensors", autoencoder)):
+            with storage.open_file(storage.join(staging, name), "wb") as f:
+                write_safetensors(f, module.state_dict(), dtype)
+        _save_tokenizer(tokenizer, staging)
 
 
 def _save_tokenizer(tokenizer, path: str) -> None:
