@@ -136,14 +136,20 @@ def test_saving_writes_back_only_the_settings_that_differ(pipe, tmp_path):
     assert not (tmp_path / "plain" / "generation_config.json").exists()
 
 
-def test_export_carries_the_base_checkpoints_generation_config_as_written(tmp_path, monkeypatch):
+def test_export_carries_the_base_checkpoints_generation_config_as_written(tmp_path):
+    import pyarrow.fs as pafs
+    import torch
+
     from irg.model import load_pretrained
     from irg.train import export
+    from irg.train.checkpointing import ema_shard_file
+    from irg.train.ema import ShardedEMA
 
     written = {**MODEL_DEFAULTS, "bos_token_id": 1}
     base = make_checkpoint(tmp_path / "base", written)
-    monkeypatch.setattr(export, "read_ema", lambda filesystem, path: load_pretrained(base).model.state_dict())
-    export.export_checkpoint(None, "unused", str(base), str(tmp_path / "out"))
+    (tmp_path / "checkpoint" / "ema").mkdir(parents=True)
+    torch.save(ShardedEMA(load_pretrained(base).model, 0.9).state_dict(), tmp_path / "checkpoint" / ema_shard_file(0))
+    export.export_checkpoint(pafs.LocalFileSystem(), str(tmp_path / "checkpoint"), str(base), str(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == written
 
 

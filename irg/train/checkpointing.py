@@ -5,16 +5,21 @@ run's storage path). One checkpoint is a folder with, per rank, DeepSpeed's mode
 partitions (tag :data:`ENGINE_TAG`) and the rank's EMA shard (``ema/rank00000.pt``, plain torch files
 of :class:`~irg.train.ema.ShardedEMA`), plus rank 0's :data:`STATE_FILE` (step, data position, MLflow
 run). The worker loop writes and restores them through :func:`write_checkpoint` and
-:func:`read_checkpoint`; export reads only the EMA shards (:func:`read_ema`), so it needs neither
-DeepSpeed nor Ray.
+:func:`read_checkpoint`; export reads only the EMA shards (:func:`ema_shards`), so it needs neither
+DeepSpeed nor Ray. Shards are loaded with ``weights_only=True`` (:func:`load_shard`): a shard holding
+any other pickled object is refused, never run.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
+import pickle
 import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
@@ -22,14 +27,16 @@ import torch
 
 from irg import storage
 from irg.data.plan import DataPosition
+from irg.model.checkpoint import CheckpointError
 from irg.train.config import TrainConfig
-from irg.train.ema import ShardedEMA, assemble
+from irg.train.ema import ShardedEMA
 
 ENGINE_TAG = "engine"
 STATE_FILE = "irg_state.json"
 EMA_DIR = "ema"
 MODEL_DIR = "model"  # the stage's exported EMA model, in BAGEL layout
 FAULT_DRILL_MARKER = "fault_drill_done"
+COPY_CHUNK = 64 * 2**20  # bytes per read when downloading a shard
 
 
 @dataclass
@@ -82,20 +89,39 @@ def read_checkpoint(folder: str, engine, ema: ShardedEMA, rank: int) -> TrainSta
     load_path, _ = engine.load_checkpoint(folder, tag=ENGINE_TAG)
     if load_path is None:
         raise RuntimeError(f"checkpoint {folder} has no DeepSpeed state under {ENGINE_TAG!r}")
-    ema.load_state_dict(torch.load(os.path.join(folder, ema_shard_file(rank)), weights_only=True))
+    ema.load_state_dict(load_shard(os.path.join(folder, ema_shard_file(rank))))
     with open(os.path.join(folder, STATE_FILE)) as f:
         return TrainState.from_dict(json.load(f))
 
 
-def read_ema(filesystem: pafs.FileSystem, checkpoint_path: str, dtype: torch.dtype = torch.float32) -> dict:
-    """The full EMA state dict of a checkpoint (``filesystem`` + path, as Ray's Checkpoint has them)."""
+def load_shard(file: str, mmap: bool = False) -> dict:
+    """An EMA shard file (``mmap``: its tensors read from disk only when used). Unpickles nothing but
+    tensors and plain values, so whoever can write a run's folder cannot run code in training or export."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        culprit = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "an unknown object")
+        raise CheckpointError(f"EMA shard {file}: refused, it holds more than tensors and plain values "
+                              f"(weights only load: {culprit})") from None
+
+
+@contextlib.contextmanager
+def ema_shards(filesystem: pafs.FileSystem, checkpoint_path: str) -> Iterator[list[dict]]:
+    """Every rank's EMA shard of a checkpoint (``filesystem`` + path, as Ray's Checkpoint has them),
+    memory-mapped. Shards on an object store are downloaded one by one to a temporary folder first
+    (local disk for all of them; memory for none), removed on exit."""
     folder = posixpath.join(checkpoint_path, EMA_DIR)
     infos = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     files = sorted(i.path for i in infos if i.is_file and i.path.endswith(".pt"))
     if not files:
         raise FileNotFoundError(f"checkpoint {checkpoint_path!r} has no EMA shards in {EMA_DIR}/")
-    shards = []
-    for path in files:
-        with filesystem.open_input_file(path) as f:
-            shards.append(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True))
-    return assemble(shards, dtype)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        yield [load_shard(path, mmap=True) for path in files]
+        return
+    with tempfile.TemporaryDirectory(prefix="irg-ema-") as tmp:
+        local = []
+        for path in files:
+            local.append(os.path.join(tmp, posixpath.basename(path)))
+            with filesystem.open_input_stream(path) as src, open(local[-1], "wb") as dst:
+                shutil.copyfileobj(src, dst, COPY_CHUNK)
+        yield [load_shard(path, mmap=True) for path in local]

@@ -10,11 +10,14 @@ needs neither DeepSpeed nor the process group (see :mod:`irg.train.export`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from irg.model.safetensors_stream import LazyTensor
 
 SHARD_FORMAT = 1
 
@@ -40,7 +43,8 @@ class ShardedEMA:
     def __init__(self, model: nn.Module, decay: float, rank: int = 0, world_size: int = 1):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {decay}")
-        self.decay, self.rank, self.world_size = decay, rank, world_size
+        # plain float and ints: shards are loaded with weights_only=True, which refuses other types
+        self.decay, self.rank, self.world_size = float(decay), int(rank), int(world_size)
         self.params = dict(model.named_parameters())
         self.shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.params.items()}
         self.shards = {name: local_slice(p, rank, world_size).detach().float().clone()
@@ -95,6 +99,13 @@ class ShardedEMA:
 
 def assemble(shard_states: list[dict], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The full state dict from every rank's saved :meth:`ShardedEMA.state_dict` (any order)."""
+    return {name: tensor.load() for name, tensor in assemble_lazily(shard_states, dtype).items()}
+
+
+def assemble_lazily(shard_states: list[dict], dtype: torch.dtype = torch.float32) -> dict[str, LazyTensor]:
+    """:func:`assemble` one tensor at a time: each is put together from its pieces, straight into
+    ``dtype``, only when loaded, so with memory-mapped shards an export holds one tensor at a time.
+    The pieces' sizes are checked here, before anything is loaded."""
     if not shard_states:
         raise ValueError("no EMA shards found")
     world_size = shard_states[0]["world_size"]
@@ -102,13 +113,24 @@ def assemble(shard_states: list[dict], dtype: torch.dtype = torch.float32) -> di
     missing = sorted(set(range(world_size)) - set(by_rank))
     if missing:
         raise ValueError(f"EMA shards of ranks {missing} (of {world_size}) are missing")
-    shapes = by_rank[0]["shapes"]
     out = {}
-    for name, shape in shapes.items():
-        numel = math.prod(shape)
-        flat = torch.cat([by_rank[r]["shards"][name] for r in range(world_size)])
-        if flat.numel() != numel:
-            raise ValueError(f"EMA shards of {name} hold {flat.numel()} values, expected {numel}")
-        out[name] = flat.view(shape).to(dtype)
-    out.update({name: b.to(dtype) if b.is_floating_point() else b for name, b in by_rank[0]["buffers"].items()})
+    for name, shape in by_rank[0]["shapes"].items():
+        pieces = [by_rank[r]["shards"][name] for r in range(world_size)]
+        held, numel = sum(p.numel() for p in pieces), math.prod(shape)
+        if held != numel:
+            raise ValueError(f"EMA shards of {name} hold {held} values, expected {numel}")
+        out[name] = LazyTensor(tuple(shape), dtype, functools.partial(_join, pieces, tuple(shape), dtype))
+    for name, b in by_rank[0]["buffers"].items():
+        target = dtype if b.is_floating_point() else b.dtype
+        out[name] = LazyTensor(tuple(b.shape), target, functools.partial(b.to, target))
     return out
+
+
+def _join(pieces: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """One parameter from its ranks' pieces, each cast while copied into place (no full fp32 copy)."""
+    out = torch.empty(math.prod(shape), dtype=dtype)
+    offset = 0
+    for piece in pieces:
+        out[offset: offset + piece.numel()].copy_(piece.view(-1))
+        offset += piece.numel()
+    return out.view(shape)

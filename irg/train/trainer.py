@@ -16,13 +16,15 @@ from mlflow import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from irg import registry, storage
+from irg.data.plan import epoch_quota
 from irg.data.stream import IRGLData
 from irg.model.checkpoint import read_config
-from irg.tracking import TRACKING_URI_ENV, configure, experiment_id, find_or_create_run
+from irg.pipeline.request import InvalidRequestError, model_defaults, validate_request
+from irg.tracking import configure, experiment_id, find_or_create_run, worker_env
 from irg.train.checkpointing import MODEL_DIR, run_path, run_storage
-from irg.train.config import TrainConfig
+from irg.train.config import ConfigError, TrainConfig
 from irg.train.data import stream_config
-from irg.train.export import export_checkpoint
+from irg.train.export import export_checkpoint, export_peak_bytes, model_shapes
 from irg.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,7 @@ class StageResult:
 def build_trainer(cfg: TrainConfig, store: storage.StoreConfig | None = None) -> TorchTrainer:
     """The stage's TorchTrainer: one DeepSpeed worker per GPU (or CPU slot), checkpoints on the store."""
     filesystem, path = storage.arrow_filesystem(run_storage(cfg), store)
-    env = dict(store.env()) if store else {}
-    env[TRACKING_URI_ENV] = configure(cfg.tracking, store)
+    env = worker_env(cfg.tracking, store)
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU, over Ray's gloo process group
     if cfg.scaling.torch_threads:
@@ -60,11 +61,36 @@ def build_trainer(cfg: TrainConfig, store: storage.StoreConfig | None = None) ->
     )
 
 
+# The settings behind the generation arguments validate_request names first in its messages.
+SAMPLE_SETTINGS = {"height": "tracking.sample_size", "width": "tracking.sample_size",
+                   "num_steps": "tracking.sample_steps", "max_think_tokens": "tracking.sample_max_think_tokens",
+                   "vae_transform": "data.preprocess.vae_transform", "vit_transform": "data.preprocess.vit_transform"}
+
+
 def preflight(cfg: TrainConfig, store: storage.StoreConfig | None) -> dict:
     """Fail before any worker starts (and before Ray Train retries a hopeless run): the checkpoint's
-    configuration must read and the data must plan an epoch. Returns the data summary."""
-    read_config(cfg.model.checkpoint)
-    return IRGLData(stream_config(cfg), store).summary()
+    configuration must read, the image transforms and the sample image must fit its latent grid, and
+    the data must plan an epoch of at least ``data.epoch_rows`` rows and a row per worker. Returns the
+    data summary."""
+    model = read_config(cfg.model.checkpoint)
+    t, preprocess = cfg.tracking, cfg.data.preprocess
+    try:
+        validate_request(model, t.sample_prompt, height=t.sample_size, width=t.sample_size, num_steps=t.sample_steps,
+                         max_think_tokens=t.sample_max_think_tokens, vae_transform=preprocess.vae_transform,
+                         vit_transform=preprocess.vit_transform, defaults=model_defaults(cfg.model.checkpoint, model))
+    except InvalidRequestError as e:
+        setting = SAMPLE_SETTINGS.get(str(e).partition(":")[0], "tracking")
+        raise ConfigError(f"{setting}: does not fit the model {cfg.model.checkpoint}: {e}") from None
+    summary = IRGLData(stream_config(cfg), store).summary()
+    longest = sum(epoch_quota(summary["rows_available"], cfg.data.weights).values())
+    if cfg.data.epoch_rows is not None and cfg.data.epoch_rows > longest:
+        raise ConfigError(f"data.epoch_rows {cfg.data.epoch_rows} exceeds the {longest} rows an epoch can draw "
+                          f"from {cfg.data.root} with these weights and no row twice")
+    rows = sum(summary["rows_per_epoch"].values())
+    if rows < cfg.scaling.num_workers:
+        raise ConfigError(f"scaling.num_workers {cfg.scaling.num_workers} exceeds the {rows} rows of an epoch "
+                          f"of {cfg.data.root}: every worker needs data")
+    return summary
 
 
 def run_stage(cfg: TrainConfig, parent_run_id: str | None = None) -> StageResult:
@@ -84,7 +110,12 @@ def run_stage(cfg: TrainConfig, parent_run_id: str | None = None) -> StageResult
         if checkpoint is None:
             raise RuntimeError(f"stage {cfg.stage} finished without a checkpoint")
         model_uri = run_path(cfg, MODEL_DIR)
-        export_checkpoint(checkpoint.filesystem, checkpoint.path, cfg.model.checkpoint, model_uri)
+        # Streamed in the training dtype (bf16: the ~29 GB serving expects for the 7B), as a task where
+        # the memory is: about one tensor, not the model (see irg.train.export).
+        dtype = cfg.model.torch_dtype
+        export = ray.remote(num_cpus=1, memory=export_peak_bytes(model_shapes(cfg.model.checkpoint).values(), dtype),
+                            runtime_env={"env_vars": worker_env(cfg.tracking, store)})(export_checkpoint)
+        ray.get(export.remote(checkpoint.filesystem, checkpoint.path, cfg.model.checkpoint, model_uri, dtype))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
