@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import re
 import shlex
 import tomllib
@@ -152,16 +153,21 @@ def _ray_cluster(obj: dict) -> dict:
     return obj["spec"]["rayClusterSpec" if obj["kind"] == "RayJob" else "rayClusterConfig"]
 
 
-def _ray_pods(obj: dict) -> list[tuple[str, dict]]:
-    """(label, pod spec) of the head, each worker group and, for a RayJob, the submitter of a RayJob or
-    RayService."""
+def _ray_pod_templates(obj: dict) -> list[tuple[str, dict]]:
+    """(label, pod template) of the head, each worker group and, for a RayJob, the submitter of a
+    RayJob or RayService."""
     spec = obj["spec"]
     cluster = _ray_cluster(obj)
-    pods = [("head", cluster["headGroupSpec"]["template"]["spec"])]
-    pods += [(g["groupName"], g["template"]["spec"]) for g in cluster.get("workerGroupSpecs", [])]
+    pods = [("head", cluster["headGroupSpec"]["template"])]
+    pods += [(g["groupName"], g["template"]) for g in cluster.get("workerGroupSpecs", [])]
     if "submitterPodTemplate" in spec:
-        pods.append(("submitter", spec["submitterPodTemplate"]["spec"]))
+        pods.append(("submitter", spec["submitterPodTemplate"]))
     return pods
+
+
+def _ray_pods(obj: dict) -> list[tuple[str, dict]]:
+    """(label, pod spec) of each of _ray_pod_templates."""
+    return [(label, template["spec"]) for label, template in _ray_pod_templates(obj)]
 
 
 def _pod_specs() -> list[tuple[str, str, dict]]:
@@ -924,3 +930,186 @@ def test_ray_object_stores_fit_in_dev_shm():
             shm = _bytes(volume["emptyDir"]["sizeLimit"])
             assert _bytes(store) <= shm, \
                 f"{where}: object-store-memory {store} exceeds /dev/shm {volume['emptyDir']['sizeLimit']}"
+
+
+# --- tests: access control (Ray token auth, MLflow basic-auth, NetworkPolicies, no secrets in runtime_env)
+
+
+RAY_AUTH_SECRET = ("irg", "irg-ray-auth")
+SECRET_NAME = re.compile(r"KEY|TOKEN|PASSWORD|SECRET|CREDENTIAL", re.IGNORECASE)
+
+
+def _ray_objects() -> list[tuple[Path, dict]]:
+    return [(p, o) for p, o in _k8s_objects() if o["kind"] in ("RayJob", "RayService", "RayCluster")]
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _secret_ref(env: dict | None) -> tuple[str, str] | None:
+    ref = (env or {}).get("valueFrom", {}).get("secretKeyRef")
+    return (ref["name"], ref["key"]) if ref else None
+
+
+def _assert_token_auth(env: dict[str, dict], where: str) -> None:
+    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE is not token"
+    assert _secret_ref(env.get("RAY_AUTH_TOKEN")) == (RAY_AUTH_SECRET[1], "auth_token"), (
+        f"{where}: RAY_AUTH_TOKEN does not come from the Secret {RAY_AUTH_SECRET[1]}"
+    )
+
+
+def test_every_ray_node_uses_token_authentication_from_a_secret():
+    """Without it anyone reaching the dashboard (8265) submits a job holding the object-store keys."""
+    assert RAY_AUTH_SECRET in _example_secrets(), "no example Secret for the Ray token"
+    objects = _ray_objects()
+    assert len(objects) >= 3
+    for path, obj in objects:
+        at = f"{path.relative_to(ROOT)}: {obj['kind']} {obj['metadata']['name']}"
+        cluster = _ray_cluster(obj)
+        # KubeRay (1.6+) authenticates its own dashboard calls with this Secret: the same as the pods'.
+        assert cluster.get("authOptions") == {"mode": "token", "secretName": RAY_AUTH_SECRET[1]}, at
+        for label, pod in _ray_pods(obj):
+            for container in pod["containers"]:
+                _assert_token_auth(_env(container), f"{at} ({label}, {container['name']})")
+        _assert_token_auth(_env(cluster.get("autoscalerOptions", {})), f"{at} (autoscaler)")
+        head = cluster["headGroupSpec"]["rayStartParams"]
+        assert head.get("dashboard-host") in (None, "0.0.0.0"), at  # reachable by the operator, guarded below
+
+    config = yaml.safe_load(AUTOSCALER.read_text())
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"], "autoscaler nodes without token auth"
+    token = [remote for remote, local in config["file_mounts"].items() if local == "~/.ray/auth_token"]
+    assert token == ["/home/ray/.ray/auth_token"], "the token file is not copied where Ray looks for it"
+    (head_start,) = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
+    host = _flag(shlex.split(head_start.split(";")[-1]), "--dashboard-host")
+    assert host in (None, "127.0.0.1", "localhost"), f"the autoscaler's dashboard listens on {host}"
+
+
+def _runtime_envs() -> list[tuple[str, dict]]:
+    """Every runtime_env written down: RayJob runtimeEnvYAML, Serve configs' runtime_env, and each
+    `--runtime-env-json '...'` in the manifests, the READMEs and the docs."""
+    found = []
+    for path, obj in _of_kind("RayJob"):
+        runtime_env = yaml.safe_load(obj["spec"].get("runtimeEnvYAML") or "{}")
+        found.append((f"{path.relative_to(ROOT)} runtimeEnvYAML", runtime_env))
+    for where, config in _serve_configs().items():
+        found += [(f"{where}: {a['name']}", a.get("runtime_env") or {}) for a in config["applications"]]
+    texts = [*ROOT.glob("*.md"), *ROOT.glob("docs/**/*.md"), *ROOT.glob("infra/**/*.md"), *_yaml_files()]
+    for path in texts:
+        for m in re.finditer(r"--runtime-env-json[= ]'([^']*)'", path.read_text()):
+            found.append((f"{path.relative_to(ROOT)}: --runtime-env-json", json.loads(m.group(1))))
+    return found
+
+
+def test_no_secret_in_any_runtime_env():
+    """Job and actor details (dashboard, `ray job list`) show runtime_env to anyone: secrets come from
+    the pods' secretKeyRef or files on the nodes."""
+    envs = _runtime_envs()
+    assert any("--runtime-env-json" in where for where, _ in envs), "found no --runtime-env-json to check"
+    for where, env in envs:
+        secret = [k for k in (env.get("env_vars") or {}) if SECRET_NAME.search(k)]
+        assert not secret, f"{where}: {secret} in a runtime_env"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector.get("matchLabels", {}).items() <= labels.items() and not selector.get("matchExpressions")
+
+
+def _allows(policy: dict, port: int, labels: dict, namespace: dict) -> bool:
+    """Whether one of the NetworkPolicy's ingress rules admits a pod (labels, namespace labels) on port."""
+    own_ns = {"kubernetes.io/metadata.name": policy["metadata"]["namespace"]}
+    for rule in policy["spec"].get("ingress", []):
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        if "from" not in rule:
+            return True  # a rule without `from` admits everyone
+        for peer in rule["from"]:
+            # No namespaceSelector: the policy's own namespace only.
+            ns_ok = _selects(peer["namespaceSelector"], namespace) if "namespaceSelector" in peer else (
+                namespace == own_ns)
+            pod_ok = _selects(peer["podSelector"], labels) if "podSelector" in peer else True
+            if ns_ok and pod_ok:
+                return True
+    return False
+
+
+def _policies_for(labels: dict, namespace: str) -> list[dict]:
+    return [p for _, p in _of_kind("NetworkPolicy")
+            if p["metadata"]["namespace"] == namespace and _selects(p["spec"]["podSelector"], labels)
+            and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+
+
+def _admitted(labels: dict, namespace: str, port: int, peer: dict, peer_ns: str) -> bool:
+    policies = _policies_for(labels, namespace)
+    assert policies, f"no NetworkPolicy selects pods {labels}"
+    return any(_allows(p, port, peer, {"kubernetes.io/metadata.name": peer_ns}) for p in policies)
+
+
+STRANGERS = [({"app": "other"}, "irg"), ({}, "irg"), ({"app": "other"}, "default")]
+
+
+def test_network_policies_guard_the_ray_heads_and_mlflow():
+    for _, obj in _ray_objects():
+        ns, cluster = obj["metadata"]["namespace"], _ray_cluster(obj)
+        head = cluster["headGroupSpec"]["template"].get("metadata", {}).get("labels", {})
+        ports = [6379, 8265, 10001]
+        if obj["kind"] == "RayService":
+            ports.append(yaml.safe_load(obj["spec"]["serveConfigV2"])["http_options"]["port"])
+        for group in cluster["workerGroupSpecs"]:
+            worker = group["template"].get("metadata", {}).get("labels", {})
+            assert all(_admitted(head, ns, port, worker, ns) for port in ports), f"{group['groupName']} cut off"
+        for port in ports:
+            for labels, peer_ns in STRANGERS:
+                assert not _admitted(head, ns, port, labels, peer_ns), f"{port} open to {labels} in {peer_ns}"
+        assert _admitted(head, ns, 8265, {"irg.io/ray-client": "true"}, ns), "labelled clients cannot submit"
+        operator = {"app.kubernetes.io/name": "kuberay-operator"}
+        assert _admitted(head, ns, 8265, operator, "kuberay-system"), "the KubeRay operator cannot reach 8265"
+        if "submitterPodTemplate" in obj["spec"]:
+            submitter = obj["spec"]["submitterPodTemplate"].get("metadata", {}).get("labels", {})
+            assert _admitted(head, ns, 8265, submitter, ns), "the submitter cannot reach the dashboard"
+
+    mlflow = _only("Deployment", MLFLOW)
+    labels, ns = mlflow["spec"]["template"]["metadata"]["labels"], mlflow["metadata"]["namespace"]
+    for labels_, peer_ns in STRANGERS:
+        assert not _admitted(labels, ns, 5000, labels_, peer_ns), f"MLflow open to {labels_} in {peer_ns}"
+    clients = 0
+    for path, obj in _ray_objects():
+        for label, template in _ray_pod_templates(obj):
+            if "MLFLOW_TRACKING_URI" in _env(template["spec"]["containers"][0]):
+                clients += 1
+                peer = template.get("metadata", {}).get("labels", {})
+                assert _admitted(labels, ns, 5000, peer, obj["metadata"]["namespace"]), f"{path.name} {label}"
+    assert clients
+
+
+def test_mlflow_runs_basic_auth_and_clients_sign_in_from_secrets():
+    pod = _only("Deployment", MLFLOW)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = [*container.get("command", []), *container.get("args", [])]
+    assert _flag(args, "--app-name") == "basic-auth", "MLflow runs without authentication"
+    env = _env(container)
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert _secret_ref(env.get(name)), f"the MLflow server's {name} is not from a Secret"
+    assert "mlflow[auth]==" in _dockerfile(MLFLOW_DOCKERFILE)["text"], "the MLflow image lacks the auth extra"
+    # The users' database must outlive the pod: the auth config names one, from the mounted Secret.
+    config_dir = env["MLFLOW_AUTH_CONFIG_PATH"]["value"].rpartition("/")[0]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == config_dir]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (secret,) = [o for _, o in _of_kind("Secret") if o["metadata"]["name"] == volume["secret"]["secretName"]]
+    ini = secret["stringData"]["basic_auth.ini"]
+    assert "database_uri = postgresql://" in ini and "default_permission = READ" in ini
+
+    seen = 0
+    for where, _, pod in _pod_specs():
+        for c in _containers(pod):
+            env = _env(c)
+            if "MLFLOW_TRACKING_URI" not in env:
+                continue
+            seen += 1
+            for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert _secret_ref(env.get(name)), f"{where}: {name} is not from a secretKeyRef"
+    assert seen
+    # Serving only reads the registry: it signs in as its own user, not the jobs' one.
+    (serve_head, *_) = _ray_pods(_only("RayService", RAYSERVICE))[0][1]["containers"]
+    assert _secret_ref(_env(serve_head)["MLFLOW_TRACKING_USERNAME"])[0] == "mlflow-serve-user"
