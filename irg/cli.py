@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from irg.device import DEVICE_HELP, DTYPE_CHOICES
+
+DEBUG_ENV = "IRG_DEBUG"  # set: a user error shows its traceback too
 
 
 class UsageError(ValueError):
@@ -25,6 +28,17 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) == 2:
         return parts[0], parts[1]
     raise argparse.ArgumentTypeError(f"size must be N or WIDTHxHEIGHT, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    """An argument that counts something: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     synth = data_commands.add_parser("synth", help="write synthetic IRGL data (all six modes)")
     synth.add_argument("--out", required=True, help="folder or s3:// URI")
-    synth.add_argument("--rows", type=int, required=True, help="rows per mode")
+    synth.add_argument("--rows", type=positive_int, required=True, help="rows per mode")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=256)
     synth.set_defaults(func=data_synth)
@@ -276,15 +290,13 @@ def data_stats(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from irg.data.format import RowError
     from irg.embedded_store import StoreError
     from irg.model import CheckpointError
-    from irg.pipeline import InvalidRequestError
 
-    # Errors about the user's input end the command with a one-line message; anything else is a bug
-    # and keeps its traceback.
-    user_errors = (UsageError, InvalidRequestError, CheckpointError, RowError, StoreError, FileNotFoundError,
-                   FileExistsError, PermissionError)
+    # Errors about the user's input end the command with a one-line message: the library raises
+    # ValueError (and its kinds: RowError, InvalidName, InvalidRequestError...) for a value it cannot
+    # use. Anything else is a bug and keeps its traceback; IRG_DEBUG=1 keeps it for these too.
+    user_errors = (ValueError, CheckpointError, StoreError, FileNotFoundError, FileExistsError, PermissionError)
     try:
         from mlflow.exceptions import MlflowException  # unknown model or version, bad tracking URI
 
@@ -294,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except user_errors as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
         print(f"irg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

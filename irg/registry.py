@@ -8,6 +8,7 @@ The logged model carries the checkpoint files and the ``irg`` code, so ``mlflow.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import shutil
@@ -68,10 +69,11 @@ def _png_base64(image) -> str:
 
 
 def decode_image(data: str):
-    """A base64 PNG from :meth:`IRGModel.predict` -> PIL image."""
-    from PIL import Image
+    """A base64 PNG from :meth:`IRGModel.predict` -> RGB PIL image. The bytes may come from any server,
+    so they get the IRGL rows' guard: PNG, JPEG or WebP only, and a pixel cap."""
+    from irg.data.format import decode_image as decode_row_image
 
-    return Image.open(io.BytesIO(base64.b64decode(data)))
+    return decode_row_image(data, "image")
 
 
 def requirements() -> list[str]:
@@ -159,16 +161,48 @@ def list_models(name: str | None = None) -> list[dict]:
 
 def checkpoint_path(model: str) -> str:
     """A checkpoint folder/URI for ``model``: itself (a folder, URI or ``irg:NAME``, which the checkpoint
-    readers resolve), or for ``models:/NAME@ALIAS`` (or ``/VERSION``) the registered checkpoint,
-    downloaded from the registry."""
+    readers resolve), or for ``models:/NAME@ALIAS`` (or ``/VERSION``) the registered checkpoint in the
+    local cache (:func:`cached_checkpoint`), downloaded on first use."""
     if not model.startswith("models:/"):
         return model
-    tracking.configure()
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model)
-    path = os.path.join(local, "artifacts", CHECKPOINT_ARTIFACT)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{model} is not an IRG model: it has no {CHECKPOINT_ARTIFACT} artifact")
-    return path
+    return cached_checkpoint(model_version(model))
+
+
+def model_cache_dir(name: str, version: str, source: str) -> Path:
+    """``$IRG_HOME/cache/models/NAME/VERSION-DIGEST``: a registered version never changes, so one download
+    serves every later start. The digest of the version's source (its logged model or run) keeps apart
+    the "version 1" of two registries, e.g. a recreated one (the names are checked: they become folders)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    return (storage.irg_home() / "cache" / "models" / check_name(name, "registered model name")
+            / f"{check_name(str(version), 'model version')}-{digest}")
+
+
+def cached_checkpoint(version) -> str:
+    """The local folder holding the checkpoint of ``version`` (a ``ModelVersion``), downloaded once.
+
+    Only the checkpoint artifact is downloaded, never the pickled pyfunc. It goes into a staging
+    sibling that is renamed into place when complete, so a crash or a concurrent replica never leaves
+    a half copy where the next start looks; if another process renamed its copy first, that one is
+    kept and ours deleted."""
+    folder = model_cache_dir(version.name, version.version, version.source or version.run_id or "")
+    if folder.is_dir():
+        return str(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent)
+    try:
+        source = f"models:/{version.name}/{version.version}/artifacts/{CHECKPOINT_ARTIFACT}"
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=staging)
+        if not os.path.isdir(local) or not os.listdir(local):
+            raise FileNotFoundError(f"models:/{version.name}/{version.version} is not an IRG model: "
+                                    f"it has no {CHECKPOINT_ARTIFACT} artifact")
+        try:
+            os.replace(local, folder)
+        except OSError:
+            if not folder.is_dir():  # not a lost race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(folder)
 
 
 def model_version(model: str):
@@ -196,5 +230,5 @@ def checkpoint_uri(model: str) -> str:
         location = client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
     if location and location.startswith(("s3://", "s3a://")):
         return storage.join(location, "artifacts", CHECKPOINT_ARTIFACT)
-    return checkpoint_path(model)
+    return cached_checkpoint(version)
 

@@ -93,3 +93,36 @@ def test_store_and_data_commands_end_to_end(tmp_path):
     assert down.returncode == 0 and "stopped" in down.stdout
     assert irg("store", "status").returncode == 1
     assert irg("store", "down").returncode == 0  # idempotent
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data", "synth", "--out", "OUT", "--rows", "0"], "argument --rows: must be an integer >= 1, got '0'"),
+        (["store", "up", "--port", "0"], "S3 port 0 out of range"),
+        (["store", "up", "--bucket", "Bad_Name"], "invalid bucket name 'Bad_Name'"),
+        (["data", "synth", "--out", "OUT", "--rows", "1", "--image-size", "50"], "image_size must be a multiple of 16"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line_naming_the_problem(tmp_path, monkeypatch, capsys, args, message):
+    from irg.cli import main
+
+    monkeypatch.setenv("IRG_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("IRG_DEBUG", raising=False)
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "error:" in err[-1] and message in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "store").exists()
+
+
+def test_irg_debug_keeps_the_traceback_of_a_user_error(tmp_path, monkeypatch):
+    from irg.cli import main
+
+    monkeypatch.setenv("IRG_DEBUG", "1")
+    with pytest.raises(ValueError, match="image_size"):
+        main(["data", "synth", "--out", str(tmp_path / "out"), "--rows", "1", "--image-size", "50"])

@@ -28,8 +28,10 @@ def sqlite_uri(tmp_path, monkeypatch):
 
 
 def new_run(uri: str) -> str:
+    """A run whose artifacts stay beside the database (sqlite's default is ./mlruns, in the checkout)."""
     client = MlflowClient(uri)
-    return client.create_run(client.create_experiment("faults")).info.run_id
+    folder = uri.removeprefix("sqlite:///").rpartition("/")[0]
+    return client.create_run(client.create_experiment("faults", f"file://{folder}/artifacts")).info.run_id
 
 
 def warnings_of(caplog) -> list[str]:

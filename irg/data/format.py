@@ -3,7 +3,7 @@
 A conversation is a list of turns. ``{"role": "user", "content": str, "need_loss": bool}`` holds a
 plain text span (the system prompt is given as a first user turn); ``{"role": "assistant",
 "content": [part, ...]}`` holds text parts ``{"type": "text", "content": str, "need_loss": bool}``
-and image parts ``{"type": "image", "content": base64 PNG/JPEG, "need_loss": bool, "need_vae": bool,
+and image parts ``{"type": "image", "content": base64 PNG/JPEG/WebP, "need_loss": bool, "need_vae": bool,
 "need_vit": bool}``: ``need_loss`` marks a generation target, ``need_vae``/``need_vit`` the clean
 conditioning copies. Parsing is strict: every problem is reported with the field that has it.
 """
@@ -33,7 +33,12 @@ STAGE_WEIGHTS = {
 }
 """IRGL stage 1 trains all six modes (full modes at weight 1.0, thinking modes 0.5); stage 2 only the full modes."""
 
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard: far above any training image
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+"""The only formats a row's image is opened as: Pillow knows dozens more, some of them handed to outside
+programs (EPS to Ghostscript), and rows come from anyone."""
+MAX_IMAGE_PIXELS = 40_000_000
+"""Decompression-bomb guard, checked on the header's size before any pixel is decoded: 40 megapixels
+(120 MB as RGB) is far above any training image."""
 
 
 class RowError(ValueError):
@@ -115,7 +120,9 @@ def _flag(obj: dict, name: str, default: bool, where: str) -> bool:
 
 
 def decode_image(content, where: str) -> Image.Image:
-    """base64 string -> RGB PIL image, fully decoded (so a truncated file fails here, not later)."""
+    """base64 PNG, JPEG or WebP -> RGB PIL image, fully decoded (so a truncated file fails here, not
+    later). Every way the bytes can be bad is a ``bad_image`` RowError: a decoder error must reject
+    the row, not end the import or the training task."""
     if not isinstance(content, str) or not content:
         raise RowError(where, "an image part needs base64 image content", "bad_image")
     try:
@@ -123,13 +130,18 @@ def decode_image(content, where: str) -> Image.Image:
     except (binascii.Error, ValueError) as e:
         raise RowError(where, f"not valid base64 ({e})", "bad_image") from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise RowError(where, f"image of {image.width}x{image.height} pixels is too large", "bad_image")
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise RowError(where, f"not a readable image ({e})", "bad_image") from None
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            width, height = image.size
+            if width * height <= MAX_IMAGE_PIXELS:
+                image.load()
+                return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise RowError(where, f"not a readable image (not {', '.join(IMAGE_FORMATS)})", "bad_image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise RowError(where, f"image too large ({e})", "bad_image") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, ValueError, SyntaxError, struct.error...
+        raise RowError(where, f"not a readable image ({type(e).__name__}: {e})", "bad_image") from None
+    raise RowError(where, f"image too large: {width}x{height} pixels, more than {MAX_IMAGE_PIXELS}", "bad_image")
 
 
 def encode_image(image: Image.Image) -> str:
