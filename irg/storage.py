@@ -110,7 +110,7 @@ class StoreConfig:
                 file = fallback
         if file is not None:
             values = cls._read_file(file, named_by="path" if path is not None else CONFIG_ENV)
-            source = str(file)
+            source = str(file.expanduser().resolve())  # absolute: workers run in another directory
         for name, field in _ENV_FIELDS.items():
             if env.get(name):
                 values[field] = env[name]
@@ -119,7 +119,7 @@ class StoreConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> StoreConfig:
         """The configuration in one JSON file alone, without the environment."""
-        return cls(**cls._read_file(Path(path), named_by="path"), source=str(path))
+        return cls(**cls._read_file(Path(path), named_by="path"), source=str(Path(path).expanduser().resolve()))
 
     @classmethod
     def _read_file(cls, file: Path, named_by: str) -> dict[str, Any]:
@@ -425,26 +425,40 @@ def _refuse_content(fs: fsspec.AbstractFileSystem, path: str, uri: str, overwrit
 
 
 def _move_local_folder(fs: fsspec.AbstractFileSystem, staging: str, path: str) -> None:
-    """One rename; old content is renamed aside first, since a folder only replaces an empty one."""
+    """One rename; old content is renamed aside first (a folder only replaces an empty one) and put back
+    if the rename fails."""
     old = None
     if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
         old = os.path.join(os.path.dirname(path), _partial_name(os.path.basename(path)) + ".old")
         os.replace(path, old)
-    os.replace(staging, path)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
     if old is not None:
         fs.rm(old, recursive=True)
 
 
 def _move_remote_folder(fs: fsspec.AbstractFileSystem, staging: str, path: str) -> None:
-    """S3 has no rename: copy each object to its final key, then delete what the new folder does not have."""
+    """S3 has no rename: copy each object to its final key, then delete what the new folder does not have.
+    A copy that fails takes back the copies made so far when ``path`` was empty, so a first publication
+    (an export about to be registered) is all or nothing; over old content (``overwrite``) the old files
+    not yet replaced stay, and a rerun completes the folder."""
     old = set(_files(fs, path))
-    new = set()
-    for source in _files(fs, staging):
-        target = path + source[len(staging):]
-        fs.copy(source, target)
-        new.add(target)
-    if old - new:
-        fs.rm(sorted(old - new))
+    new = []
+    try:
+        for source in _files(fs, staging):
+            target = path + source[len(staging):]
+            fs.copy(source, target)
+            new.append(target)
+    except BaseException:
+        if new and not old:
+            fs.rm(new)
+        raise
+    if old - set(new):
+        fs.rm(sorted(old - set(new)))
 
 
 def configured_store() -> StoreConfig | None:

@@ -121,6 +121,56 @@ def test_a_staged_folder_appears_whole_and_refuses_to_mix_with_old_content(base)
     assert listing(base) == ["model/c.json"]
 
 
+def test_a_move_into_place_that_fails_halfway_takes_its_copies_back(base, monkeypatch):
+    """The publishing step itself breaks (S3: the second object's copy; local: the rename): nothing
+    is left at the folder's name, and a folder that was there is back as it was."""
+    uri = storage.join(base, "model")
+    fs, _ = storage.filesystem(uri)
+    copies = []
+
+    def copy_once_then_fail(*args, **kwargs):
+        if copies:
+            raise Boom
+        copies.append(args)
+        return real_copy(*args, **kwargs)
+
+    real_copy = fs.copy
+    if storage.is_remote(uri):
+        monkeypatch.setattr(fs, "copy", copy_once_then_fail)
+    else:
+        real_replace = os.replace
+
+        def fail_to_publish(source, target):  # the staging folder's rename fails; putting old content back works
+            if os.path.isdir(source) and ".partial-" in source and not source.endswith(".old"):
+                raise Boom
+            real_replace(source, target)
+
+        monkeypatch.setattr(os, "replace", fail_to_publish)
+    with pytest.raises(Boom), storage.staged_folder(uri) as staging:
+        for name in ("a.json", "b.json"):
+            with storage.open_file(storage.join(staging, name), "w") as f:
+                f.write(name)
+    assert listing(base) == []
+    if not storage.is_remote(uri):
+        os.makedirs(uri)
+        open(os.path.join(uri, "old.json"), "w").close()
+        with pytest.raises(Boom), storage.staged_folder(uri, overwrite=True) as staging, \
+                storage.open_file(storage.join(staging, "a.json"), "w") as f:
+            f.write("new")
+        assert listing(base) == ["model/old.json"]
+
+
+def test_a_relative_store_config_file_reaches_workers_as_an_absolute_path(tmp_path, monkeypatch):
+    """A runtime_env names the config file instead of carrying its keys; Ray Train workers run in
+    another directory, so the name must be absolute."""
+    (tmp_path / "store.json").write_text(json.dumps({"endpoint_url": "http://127.0.0.1:1", "access_key": "a",
+                                                      "secret_key": "planted-secret"}))
+    monkeypatch.chdir(tmp_path)
+    env = storage.StoreConfig.load(environ={storage.CONFIG_ENV: "store.json"}).env(secrets=False)
+    assert env[storage.CONFIG_ENV] == str(tmp_path / "store.json")
+    assert "planted-secret" not in json.dumps(env) and storage.SECRET_KEY_ENV not in env
+
+
 # --- a checkpoint: save_pretrained --------------------------------------------------------------------
 
 

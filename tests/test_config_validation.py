@@ -118,3 +118,18 @@ def test_preflight_holds_the_settings_to_the_checkpoint_and_the_data(stage2_rows
     assert sum(preflight(good, None)["rows_per_epoch"].values()) == 8
     with pytest.raises(ConfigError, match=message):
         preflight(load_config(TINY, 2, [f"data.root={stage2_rows}", override]), None)
+
+
+def test_a_bad_stage2_setting_stops_the_job_before_stage1_starts(tmp_path, monkeypatch):
+    """run_irgl holds both stages to the data before the first trains: a stage-2 mistake would
+    otherwise surface after stage 1's hours. Nothing is tracked and no run is opened."""
+    from irg.data.synth import write_synthetic
+    from irg.train import trainer
+
+    write_synthetic(str(tmp_path / "irgl"), rows=4, progress=False)
+    common = [f"data.root={tmp_path / 'irgl'}", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    configs = {1: load_config(TINY, 1, common), 2: load_config(TINY, 2, [*common, "scaling.num_workers=9"])}
+    monkeypatch.setattr(trainer, "run_stage", lambda *a, **k: pytest.fail("a stage started"))
+    with pytest.raises(ConfigError, match="scaling.num_workers 9 exceeds the 8 rows of an epoch"):
+        trainer.run_irgl(configs, job_name="bad-stage2")
+    assert not (tmp_path / "mlflow.db").exists()

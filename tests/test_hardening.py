@@ -1,4 +1,4 @@
-"""Issue 14 items fixed so far: safe unpickling, secrets out of reprs, a named store config that must
+"""Issue 14: safe unpickling (EMA shards and DeepSpeed state), secrets out of reprs, a named store config that must
 exist, non-finite request numbers, chosen names checked before they become paths or filters."""
 
 from __future__ import annotations
@@ -84,3 +84,58 @@ def test_a_run_name_is_checked_when_the_config_is_built():
 
     with pytest.raises(ValueError, match=r"run\.name '\.\./other-run': first character '\.' is not allowed"):
         TrainConfig.from_dict({"stage": 1, "run": {"name": "../other-run"}})
+
+
+DEEPSPEED_RESUME = """
+import json, os, sys
+os.environ.update({"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": sys.argv[3],
+                   "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", rank=0, world_size=1)
+from irg.model import load_pretrained
+from irg.train.config import load_config
+from irg.train.engine import deepspeed_engine, prepare_model
+folder, marker, _, stage = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+cfg = load_config("jobs/configs/tiny.yaml", 1, [f"deepspeed.zero_stage={stage}"])
+engine = deepspeed_engine(prepare_model(load_pretrained(cfg.model.checkpoint).model, cfg), cfg)
+engine.save_checkpoint(folder, tag="engine")
+loaded, _ = engine.load_checkpoint(folder, tag="engine")  # DeepSpeed's own state types load
+class Payload:
+    def __reduce__(self):
+        return (os.mkdir, (marker,))
+optim = [f for f in os.listdir(os.path.join(folder, "engine")) if "optim_states" in f][0]
+state = torch.load(os.path.join(folder, "engine", optim), weights_only=False)
+state["planted"] = Payload()
+torch.save(state, os.path.join(folder, "engine", optim))
+try:
+    engine.load_checkpoint(folder, tag="engine")
+    error = None
+except Exception as e:
+    error = f"{type(e).__name__}: {e}"
+print(json.dumps({"first_load": loaded is not None, "error": error}))
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_pickled_payload_in_deepspeed_state_is_refused_on_resume(tmp_path, stage):
+    """DeepSpeed's own loader unpickles anything: the engine IRG builds loads its state weights-only,
+    DeepSpeed's few state types allowed (one process, gloo, in a subprocess to keep this one clean)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    marker = tmp_path / "code-ran"
+    result = subprocess.run([sys.executable, "-c", DEEPSPEED_RESUME, str(tmp_path / "ckpt"), str(marker), str(port),
+                             str(stage)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["first_load"] is True
+    assert outcome["error"].startswith("CheckpointError: DeepSpeed state") and "GLOBAL posix.mkdir" in outcome["error"]
+    assert not marker.exists()

@@ -95,13 +95,19 @@ def read_checkpoint(folder: str, engine, ema: ShardedEMA, rank: int) -> TrainSta
 
 
 def load_shard(file: str, mmap: bool = False) -> dict:
-    """An EMA shard file (``mmap``: its tensors read from disk only when used). Unpickles nothing but
-    tensors and plain values, so whoever can write a run's folder cannot run code in training or export."""
+    """An EMA shard file (``mmap``: its tensors read from disk only when used)."""
+    return load_weights_only(file, "EMA shard", mmap=mmap)
+
+
+def load_weights_only(file: str, what: str, allowed: list[type] = (), map_location="cpu", mmap: bool = False):
+    """A torch file that may hold tensors, plain values and the ``allowed`` classes' data only, so whoever
+    can write a run's folder cannot run code in training or export: anything else is refused, named."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         culprit = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "an unknown object")
-        raise CheckpointError(f"EMA shard {file}: refused, it holds more than tensors and plain values "
+        raise CheckpointError(f"{what} {file}: refused, it holds more than tensors and plain values "
                               f"(weights only load: {culprit})") from None
 
 

@@ -130,6 +130,11 @@ def run_irgl(stage_configs: dict[int, TrainConfig], job_name: str, register: boo
     run; the stage-2 model is registered. Returns the stage results and the new model version (or None)."""
     first = stage_configs[1]
     store = storage.configured_store()
+    # Stage 2's settings against the data and the architecture (its checkpoint is stage 1's export, of
+    # the base's configuration) before stage 1 trains for hours, not after.
+    for cfg in stage_configs.values():
+        preflight(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=first.model.checkpoint)),
+                  store)
     client = MlflowClient(configure(first.tracking, store))
     experiment = experiment_id(client, first.tracking, store)
     parent = find_or_create_run(client, experiment, job_name, tags={"irg.job": "irgl"})
