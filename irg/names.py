@@ -32,3 +32,12 @@ def check_name(name: str, what: str = "name") -> str:
             where = "first character" if position == 0 else f"character {position + 1}"
             raise InvalidName(f"{what} {name!r}: {where} {char!r} is not allowed; use {ALLOWED}")
     return name
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether :func:`check_name` accepts ``name``."""
+    try:
+        check_name(name)
+    except InvalidName:
+        return False
+    return True

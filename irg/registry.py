@@ -21,7 +21,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from irg import storage, tracking
-from irg.names import check_name
+from irg.names import check_name, is_valid_name
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEFAULT_SEED = 0  # a prediction without a seed is repeatable
@@ -90,6 +90,7 @@ def log_model(model_uri: str, registered_model_name: str, run_id: str | None = N
     from irg.model.checkpoint import resolve_model
     from irg.pipeline import model_defaults
 
+    check_name(registered_model_name, "registered model name")  # an MLflow filter value (list_models)
     if run_id is not None:
         existing = registered_version(registered_model_name, run_id)
         if existing is not None:
@@ -170,11 +171,12 @@ def checkpoint_path(model: str) -> str:
 
 def model_cache_dir(name: str, version: str, source: str) -> Path:
     """``$IRG_HOME/cache/models/NAME/VERSION-DIGEST``: a registered version never changes, so one download
-    serves every later start. The digest of the version's source (its logged model or run) keeps apart
-    the "version 1" of two registries, e.g. a recreated one (the names are checked: they become folders)."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-    return (storage.irg_home() / "cache" / "models" / check_name(name, "registered model name")
-            / f"{check_name(str(version), 'model version')}-{digest}")
+    serves every later start. The digest of the name and the version's source (its logged model or run)
+    keeps apart the "version 1" of two registries, e.g. a recreated one. A name MLflow allows but a folder
+    should not carry (a space, a slash) is cached under a digest alone."""
+    digest = hashlib.sha256(f"{name}\n{source}".encode()).hexdigest()[:12]
+    folder = name if is_valid_name(name) else "_"
+    return storage.irg_home() / "cache" / "models" / folder / f"{int(version)}-{digest}"
 
 
 def cached_checkpoint(version) -> str:

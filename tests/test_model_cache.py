@@ -108,3 +108,17 @@ def test_nothing_loads_a_registered_model_through_pyfunc():
                 if isinstance(node, ast.ImportFrom) and any(a.name == "load_model" for a in node.names):
                     calls.append(f"{source.relative_to(ROOT)}:{node.lineno}")
     assert calls == []
+
+
+def test_a_name_mlflow_allows_but_a_folder_should_not_carry_is_cached_under_a_digest(tmp_path, monkeypatch):
+    monkeypatch.setenv("IRG_HOME", str(tmp_path))
+    folder = registry.model_cache_dir("IRG ../Bagel", "3", "models:/m-123")
+    assert folder.parent == tmp_path / "cache" / "models" / "_" and folder.name.startswith("3-")
+    assert folder != registry.model_cache_dir("IRG Bagel", "3", "models:/m-123")
+
+
+def test_irg_registers_only_names_it_can_filter_on():
+    from irg.names import InvalidName
+
+    with pytest.raises(InvalidName, match="registered model name \"it's\""):
+        registry.log_model(str(FIXTURE_DIR), "it's")
