@@ -3,7 +3,9 @@
     serve run serve_apps.irg_app:app model=models:/irg-tiny@champion device=cpu
     serve run serve_apps/config.yaml
 
-Endpoints: ``POST /v1/images/generations`` (JSON: think texts and base64 PNGs of every round),
+Endpoints: ``POST /v1/images/generations`` (OpenAI's Images API, :mod:`irg.serve.openai_api`: the final
+image as ``b64_json`` or ``url``, its ``revised_prompt``, and the think texts and PNGs of every round;
+``stream: true`` gives OpenAI's image streaming events),
 ``POST /v1/images/generations/stream`` (server-sent events as they happen: think, step, image,
 done), ``GET /healthz``, ``GET /v1/models``, ``GET /v1/limits`` (each body field's default and
 bounds). Bodies are checked before any model work and a bad one gets a 4xx naming the field. The
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
@@ -34,6 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from irg.pipeline import InvalidRequestError
 from irg.serve.api import GenerationBody, body_limits, response_body, sse
 from irg.serve.batching import EventRouter, batch_key, group_by_batch_key, merge_requests, split_outputs
+from irg.serve.openai_api import ImageStore, OpenAIError, OpenAIStream, generation_error, openai_response, parse_body
 from irg.serve.options import AppArgs, BatchOptions
 
 api = FastAPI(title="IRG", version="1")
@@ -95,9 +98,9 @@ class Generator:
         """Each body field's bounds and the loaded model's defaults (``GET /v1/limits``)."""
         return body_limits(self.pipe.defaults)
 
-    def check(self, body: dict) -> None:
-        """Raise ValueError naming the field if ``body`` cannot be generated (no model work)."""
-        self._request(body)
+    def check(self, body: dict) -> int:
+        """Raise ValueError naming the field if ``body`` cannot be generated (no model work); else its rounds."""
+        return self._request(body).rounds
 
     async def generate(self, body: dict) -> dict:
         request = self._request(body)  # a bad body fails here, alone, before it joins a batch
@@ -197,9 +200,12 @@ class Generator:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator: DeploymentHandle, request_timeout_s: float = 600.0):
+    def __init__(self, generator: DeploymentHandle, request_timeout_s: float = 600.0, image_store: str | None = None,
+                 image_url_expiry_s: int = 3600):
         self.generator = generator
         self.request_timeout_s = request_timeout_s
+        self.image_store, self.image_url_expiry_s = image_store, image_url_expiry_s
+        self.model_id: str | None = None  # the served model's id, asked once
 
     @api.get("/", response_class=HTMLResponse)
     async def playground(self) -> str:
@@ -220,17 +226,64 @@ class Ingress:
         return {"object": "list", "data": [await self.generator.info.remote()]}
 
     @api.post("/v1/images/generations")
-    async def generations(self, body: GenerationBody) -> dict:
-        response = self.generator.generate.remote(body.model_dump())
+    async def generations(self, request: Request):
+        """OpenAI's Images API (:mod:`irg.serve.openai_api`): IRG's own fields too, every bad body a 400 in
+        OpenAI's shape naming the field; ``stream: true`` answers with OpenAI's image streaming events."""
         try:
-            return await asyncio.wait_for(response, self.request_timeout_s)
-        except ValueError as e:
-            raise HTTPException(status_code=422, detail=str(e)) from None
+            if self.model_id is None:
+                self.model_id = (await self.generator.info.remote())["id"]
+            body = parse_body(await request.body(), self.model_id)
+            if body.stream:
+                return await self._openai_stream(body)
+            response = self.generator.generate.remote(body.native())
+            try:
+                native = await asyncio.wait_for(response, self.request_timeout_s)
+            except TimeoutError:
+                response.cancel()
+                raise OpenAIError(f"generation took over {self.request_timeout_s} s", status=504,
+                                  type="server_error") from None
+            store = await asyncio.to_thread(self._store) if body.response_format == "url" else None
+            return await asyncio.to_thread(openai_response, native, body, store)
+        except OpenAIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        except ValueError as e:  # Ray's error wraps the replica's; the message is the cause's
+            return JSONResponse(generation_error(str(getattr(e, "cause", None) or e)).body(), status_code=400)
         except BackPressureError:
-            raise _busy() from None
-        except TimeoutError:
-            response.cancel()
-            raise HTTPException(status_code=504, detail=f"generation took over {self.request_timeout_s} s") from None
+            busy = _busy()
+            return JSONResponse(OpenAIError(busy.detail, status=503, type="server_error").body(), status_code=503,
+                                headers=busy.headers)
+
+    def _store(self) -> ImageStore:
+        try:
+            return ImageStore.default(self.image_store, self.image_url_expiry_s)
+        except Exception as e:  # no store configured or a broken config: the url cannot be honoured
+            raise OpenAIError(f"response_format: url needs an object store: {e}", param="response_format",
+                              code="unsupported_value") from None
+
+    async def _openai_stream(self, body) -> StreamingResponse:
+        native = body.native()
+        rounds = await self.generator.check.remote(native)  # a bad request fails before the 200
+        stream = self.generator.options(stream=True).stream.remote(native)
+        converter = OpenAIStream(body, rounds, int(time.time()))
+
+        async def events():
+            late = self.request_timeout_s
+            deadline = asyncio.get_running_loop().time() + late
+            try:
+                async for name, data in stream:
+                    for text in await asyncio.to_thread(converter.event, name, data):
+                        yield text
+                    if asyncio.get_running_loop().time() > deadline:
+                        yield converter.event("error", {"detail": f"generation took over {late} s"})[0]
+                        return
+            except BackPressureError:
+                yield converter.event("error", {"detail": _busy().detail})[0]
+            except ValueError as e:
+                yield converter.event("error", {"detail": str(e)})[0]
+            finally:
+                stream.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @api.post("/v1/images/generations/stream")
     async def generations_stream(self, body: GenerationBody, request: Request) -> StreamingResponse:
@@ -271,7 +324,8 @@ def bind_app(args: AppArgs, **generator_options) -> Application:
     """The application for ``args`` with Serve deployment options (``autoscaling_config``,
     ``user_config``, ...) overriding the Generator's: for benchmarks and tests that deploy from Python."""
     generator = Generator.options(**generator_options) if generator_options else Generator
-    return Ingress.bind(generator.bind(args.model, args.device, args.dtype), args.request_timeout_s)
+    return Ingress.bind(generator.bind(args.model, args.device, args.dtype), args.request_timeout_s, args.image_store,
+                        args.image_url_expiry_s)
 
 
 app = build_app

@@ -22,6 +22,7 @@ from irg.pipeline import DEFAULTS, LIMITS, GenerationDefaults, GenerationRequest
 # Serving budgets (no pipeline counterpart): what one HTTP request may ask for.
 MAX_PROMPT_CHARS = 4000
 MAX_IMAGES_PER_REQUEST = 4
+MAX_CFG_SCALE = 50.0  # ten times the reference's 4.0; beyond it the sampler only saturates
 
 
 class GenerationBody(BaseModel):
@@ -36,6 +37,10 @@ class GenerationBody(BaseModel):
     rounds: int | None = Field(None, ge=1, le=LIMITS.max_rounds)
     seed: int | None = Field(None, ge=0, lt=2**63)
     max_think_tokens: int | None = Field(None, ge=1, le=LIMITS.max_think_tokens)
+    # Classifier-free guidance over the model's round settings: the text scale in every round, the
+    # image scale (guidance by the previous image) in rounds 2+, the only ones that have one.
+    cfg_text_scale: float | None = Field(None, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
+    cfg_img_scale: float | None = Field(None, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
 
     @field_validator("size")
     @classmethod
@@ -62,7 +67,17 @@ class GenerationBody(BaseModel):
         seed = self.seed if self.seed is not None else default_seed
         return validate_request(config, [self.prompt] * self.n, height=height, width=width, num_steps=self.steps,
                                 rounds=self.rounds, seed=[seed + i for i in range(self.n)],
+                                round_settings=self.round_settings(defaults),
                                 max_think_tokens=self.max_think_tokens, defaults=defaults)
+
+    def round_settings(self, defaults: GenerationDefaults = DEFAULTS) -> list[dict] | None:
+        """Each round's CFG overrides (None: the model's settings throughout)."""
+        if self.cfg_text_scale is None and self.cfg_img_scale is None:
+            return None
+        rounds = self.rounds if self.rounds is not None else defaults.rounds
+        text = {} if self.cfg_text_scale is None else {"cfg_text_scale": self.cfg_text_scale}
+        image = {} if self.cfg_img_scale is None else {"cfg_img_scale": self.cfg_img_scale}
+        return [text] + [{**text, **image}] * (rounds - 1)
 
 
 _BOUNDS = {"ge": "minimum", "le": "maximum", "min_length": "min_length", "max_length": "max_length"}

@@ -25,6 +25,10 @@ class AppArgs(BaseModel):
     device: str = AUTO
     dtype: str = AUTO
     request_timeout_s: float = Field(600.0, gt=0)  # beyond it a request gets a 504
+    # Where response_format="url" images go (an s3:// prefix; None: serve/images in the configured
+    # store's bucket) and how long their presigned URLs last (S3 signs for at most 7 days).
+    image_store: str | None = Field(None, pattern=r"^s3://[^/]+")
+    image_url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
 
     @field_validator("device")
     @classmethod
