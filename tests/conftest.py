@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -165,22 +166,38 @@ def s3_env(s3_server, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-@pytest.fixture(scope="module")
-def serve_url():
-    """A local Ray + Serve running the IRG app on the tiny model (app "irg" at "/"); its base URL."""
+@contextlib.contextmanager
+def serving(env: dict[str, str] | None = None, **app_args):
+    """A local Ray + Serve running the IRG app on the tiny model (app "irg" at "/") built from
+    ``AppArgs(model=..., device="cpu", **app_args)``, with ``env`` set before Ray starts (so its
+    replicas see it too); its base URL."""
     import ray
     from ray import serve
 
     from irg.serve.options import AppArgs
     from serve_apps.irg_app import build_app
 
+    patch = pytest.MonkeyPatch()
+    for name, value in (env or {}).items():
+        patch.setenv(name, value)
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(model=str(FIXTURE_DIR), device="cpu")), name="irg", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(AppArgs(model=str(FIXTURE_DIR), device="cpu", **app_args)), name="irg", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        patch.undo()
+
+
+@pytest.fixture(scope="module")
+def serve_url():
+    """A local Ray + Serve running the IRG app on the tiny model (app "irg" at "/"); its base URL.
+    A module may override it with its own app (:func:`serving`)."""
+    with serving() as url:
+        yield url
 
 
 # --- a Ray cluster started the way users start one (`ray start --head`, jobs submitted to it) -------

@@ -837,6 +837,20 @@ def test_gpu_serve_config():
         )
 
 
+def test_served_configs_require_api_keys_from_a_secret():
+    """The GPU config and the RayService bind 0.0.0.0: they require keys, and every RayService pod has them."""
+    for where, config in _serve_configs().items():
+        if config["http_options"]["host"] != "127.0.0.1":
+            assert _single_app(config, where)["args"].get("require_api_key") is True, f"{where}: keys not required"
+    service = next(obj for _, obj in _of_kind("RayService"))
+    pods = [service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]] + [
+        group["template"]["spec"] for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    for pod in pods:
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env["IRG_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "irg-serve-api-keys", container["name"]
+
+
 def test_rayservice_fields_are_known_to_kuberay():
     service = _only("RayService", RAYSERVICE)
     spec = service["spec"]

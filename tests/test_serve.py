@@ -99,6 +99,19 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert ok.status_code == 200
 
 
+def test_a_json_client_that_disconnects_stops_its_generation(server):
+    generator = serve.get_deployment_handle("Generator", app_name="irg")
+    before = generator.stats.remote().result()
+    long = {"prompt": "many shapes", "size": "256x256", "steps": 200, "rounds": 4, "max_think_tokens": 8}
+    with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and closes the connection
+        requests.post(f"{server}/v1/images/generations", json=long, timeout=(10, 1.5))
+    deadline = time.monotonic() + 20
+    while generator.stats.remote().result()["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, "the abandoned JSON generation was not cancelled"
+        time.sleep(0.2)
+    assert generator.stats.remote().result()["completed"] == before["completed"]
+
+
 def test_concurrent_requests_of_one_shape_share_a_batch_and_keep_their_own_images(server):
     import numpy as np
 
@@ -136,6 +149,14 @@ def test_a_full_queue_answers_503_and_a_slow_request_times_out(server):
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["retry-after"] == "5" and "busy" in busy.json()["detail"]
     assert requests.get(f"{server}/healthz", timeout=30).status_code == 200
+    # The timed-out JSON request stops its generation at the next step, as a stream does, instead of
+    # keeping the replica busy to the end.
+    generator = serve.get_deployment_handle("Generator", app_name="one-slot")
+    deadline = time.monotonic() + 10
+    while generator.stats.remote().result()["cancelled"] == 0:
+        assert time.monotonic() < deadline, "the timed-out generation was not cancelled"
+        time.sleep(0.2)
+    assert generator.stats.remote().result()["completed"] == 0
     serve.delete("one-slot")
 
 

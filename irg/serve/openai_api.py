@@ -52,12 +52,14 @@ DEFAULT_URL_EXPIRY_S = 3600
 
 class OpenAIError(Exception):
     """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``, plus the
-    ``detail`` (the message) every other IRG endpoint answers with."""
+    ``detail`` (the message) every other IRG endpoint answers with; ``headers`` go with the response
+    (``WWW-Authenticate`` with a 401, ``Retry-After`` with a 429 or 503)."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code},

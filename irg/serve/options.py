@@ -14,6 +14,13 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from irg.device import AUTO, device_name, dtype_name
+from irg.serve.auth import DEFAULT_KEYS_ENV
+from irg.serve.budget import (
+    DEFAULT_MAX_CONCURRENT_PER_KEY,
+    DEFAULT_MAX_REQUEST_PIXEL_STEPS,
+    DEFAULT_MAX_THINK_TOKENS_PER_REQUEST,
+    Budget,
+)
 
 
 class AppArgs(BaseModel):
@@ -29,6 +36,19 @@ class AppArgs(BaseModel):
     # store's bucket) and how long their presigned URLs last (S3 signs for at most 7 days).
     image_store: str | None = Field(None, pattern=r"^s3://[^/]+")
     image_url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    # API keys (irg.serve.auth): None requires them unless Serve's HTTP host is loopback; the keys come
+    # from $api_keys_env (comma-separated) and the file $api_keys_env_FILE names (one a line, name:key).
+    require_api_key: bool | None = None
+    api_keys_env: str = Field(DEFAULT_KEYS_ENV, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # Budgets (irg.serve.budget): what one request may cost (None: no limit), and how many requests
+    # one key may run at once (per Ingress replica; only when keys are required).
+    max_request_pixel_steps: int | None = Field(DEFAULT_MAX_REQUEST_PIXEL_STEPS, ge=1)  # n*width*height*steps*rounds
+    max_think_tokens_per_request: int | None = Field(DEFAULT_MAX_THINK_TOKENS_PER_REQUEST, ge=1)  # n*tokens*rounds
+    max_concurrent_per_key: int | None = Field(DEFAULT_MAX_CONCURRENT_PER_KEY, ge=1)
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.max_request_pixel_steps, self.max_think_tokens_per_request)
 
     @field_validator("device")
     @classmethod
