@@ -25,6 +25,17 @@ FIXTURE_DIR = Path(__file__).parent / "fixtures" / "bagel_tiny"
 GOLDEN_DIR = FIXTURE_DIR / "golden"
 
 
+class PicklePayload:
+    """A pickled object that, unpickled without ``weights_only``, creates the folder ``marker``: proof of
+    code run from a file that should hold only tensors."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
 def load_golden(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and JSON scalars of one golden file, e.g. ``load_golden("irg_turn2")``."""
     tensors = load_file(str(GOLDEN_DIR / f"{name}.safetensors"))

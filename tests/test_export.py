@@ -5,13 +5,12 @@ one tensor, and a corrupt safetensors header is a checkpoint error naming the fi
 from __future__ import annotations
 
 import importlib.util
-import os
 import struct
 
 import pyarrow.fs as pafs
 import pytest
 import torch
-from conftest import FIXTURE_DIR, REPO, S3_BUCKET
+from conftest import FIXTURE_DIR, REPO, S3_BUCKET, PicklePayload
 
 from irg.model import CheckpointError, load_pretrained
 from irg.model.checkpoint import load_weights
@@ -83,18 +82,10 @@ def test_the_ray_task_reserves_the_largest_tensor_not_the_model():
     assert export_peak_bytes(shapes.values(), torch.float32) == PROCESS_BYTES + largest * (4 + 4)
 
 
-class _Payload:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
 def test_an_ema_shard_holding_a_pickled_object_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "code-ran"
     (tmp_path / "ema").mkdir()
-    torch.save({"rank": 0, "world_size": 1, "shards": _Payload(str(marker))}, tmp_path / ema_shard_file(0))
+    torch.save({"rank": 0, "world_size": 1, "shards": PicklePayload(str(marker))}, tmp_path / ema_shard_file(0))
     with pytest.raises(CheckpointError, match=r"rank00000\.pt: refused.*GLOBAL posix\.mkdir"):
         export_checkpoint(pafs.LocalFileSystem(), str(tmp_path), str(FIXTURE_DIR), str(tmp_path / "out"))
     assert not marker.exists()

@@ -4,10 +4,10 @@ exist, non-finite request numbers, chosen names checked before they become paths
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from conftest import PicklePayload
 
 from irg import storage
 from irg.names import InvalidName, check_name
@@ -15,18 +15,10 @@ from irg.pipeline.settings import RoundSettings
 from irg.train.checkpointing import read_checkpoint
 
 
-class _Payload:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
 def test_a_pickled_payload_in_an_ema_shard_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "code-ran"
     (tmp_path / "ema").mkdir()
-    torch.save({"shards": _Payload(str(marker))}, tmp_path / "ema" / "rank00000.pt")
+    torch.save({"shards": PicklePayload(str(marker))}, tmp_path / "ema" / "rank00000.pt")
 
     class Engine:
         def load_checkpoint(self, folder, tag):
