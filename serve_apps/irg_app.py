@@ -25,8 +25,10 @@ This module is only the Ray and FastAPI wiring; what it wires lives in :mod:`irg
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -40,18 +42,53 @@ from ray.serve.handle import DeploymentHandle
 from irg.pipeline import InvalidRequestError
 from irg.serve.api import GenerationBody, body_limits, response_body, sse
 from irg.serve.auth import KeyRing, keys_required
-from irg.serve.batching import EventRouter, batch_key, group_by_batch_key, merge_requests, split_outputs
+from irg.serve.batching import EventRouter, batch_key, group_by_batch_key, merge_requests, run_isolated, split_outputs
 from irg.serve.budget import Budget, ConcurrencyLimiter
+from irg.serve.errors import public_error
+from irg.serve.metrics import GeneratorMetrics, IngressMetrics
 from irg.serve.openai_api import ImageStore, OpenAIError, OpenAIStream, generation_error, openai_response, parse_body
 from irg.serve.options import AppArgs, BatchOptions
+from irg.serve.streaming import KEEP_ALIVE, StreamTimeout, paced
 
 api = FastAPI(title="IRG", version="1")
+log = logging.getLogger("ray.serve")  # into the replica's Serve log
 
 
 @api.exception_handler(OpenAIError)
 async def _openai_error(request: Request, error: OpenAIError) -> JSONResponse:
     """Any endpoint's OpenAIError (a 401, a budget's 400 or 429) in OpenAI's shape, with its headers."""
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    """Whatever else fails: a 500 naming the kind of error and a request id; the details go to the log."""
+    return JSONResponse(_server_error(error).body(), status_code=500)
+
+
+@api.middleware("http")
+async def _count_responses(request: Request, call_next):
+    """Counts every response by route and status (``irg_requests``; unknown paths as ``other``)."""
+    status = 500  # an exception here becomes _unexpected's 500 outside this middleware
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        counter = getattr(request.app.state, "metrics", None)
+        if counter is not None:
+            counter.response(getattr(request.scope.get("route"), "path", "other"), status)
+
+
+def _server_error(error: BaseException) -> OpenAIError:
+    """A failure that is not the client's, for the client: logged in full under an id it is told."""
+    request_id = uuid.uuid4().hex[:12]
+    public = public_error(error, request_id)
+    if public.client_fault:
+        return generation_error(public.message)
+    log.error("request %s failed", request_id, exc_info=error)
+    return OpenAIError(public.message, status=500, type="server_error")
+
 
 RETRY_AFTER_S = 5
 BATCHING = BatchOptions()  # the Generator's default user_config
@@ -68,12 +105,20 @@ class GenerationCancelled(Exception):
     """Raised inside the pipeline's callback to stop a generation nobody waits for any more."""
 
 
-@dataclasses.dataclass
-class _StreamJob:
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One request in a generator replica; a stream's also has the queue its events go to."""
+
     request: object
-    events: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
+    arrived: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    events: asyncio.Queue | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    queued: bool = True  # still waiting for a pipeline call (the queue-depth gauge)
+
+    def deliver(self, item) -> None:
+        """Hands a stream item to the stream's consumer (from any thread)."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
 @serve.deployment(
@@ -92,9 +137,11 @@ class Generator:
         self.model_name = model
         self.pipe = IRGPipeline.from_pretrained(checkpoint_path(model), device=device, dtype=dtype)
         self.lock = threading.Lock()  # the pipeline runs one generation at a time
-        self.counts = {"completed": 0, "cancelled": 0, "largest_batch": 0}
+        self.queue_lock = threading.Lock()  # guards _Job.queued between the event loop and the pipeline's thread
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "largest_batch": 0}
         self.waiting_streams: dict = {}
         self.batching = BATCHING  # until reconfigure
+        self.metrics = GeneratorMetrics()
 
     def reconfigure(self, user_config: dict | None) -> None:
         """Serve calls this when a replica starts and whenever the deployment's ``user_config``
@@ -102,10 +149,6 @@ class Generator:
         self.batching = BatchOptions.model_validate(user_config or {})
         self._generate_batched.set_max_batch_size(self.batching.max_batch_size)
         self._generate_batched.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
-
-    def info(self) -> dict:
-        return {"id": self.model_name, "object": "model", "owned_by": "irg",
-                "pixels_per_latent_token": self.pipe.config.pixels_per_latent_token}
 
     def limits(self) -> dict:
         """Each body field's bounds and the loaded model's defaults (``GET /v1/limits``)."""
@@ -116,37 +159,28 @@ class Generator:
         return self._request(body).rounds
 
     async def generate(self, body: dict) -> dict:
-        request = self._request(body)  # a bad body fails here, alone, before it joins a batch
-        cancelled = threading.Event()
+        job = self._job(body)  # a bad body fails here, alone, before it joins a batch
         try:
-            outputs = await self._generate_batched((request, cancelled))
+            outputs = await self._generate_batched(job)
         except asyncio.CancelledError:  # Serve cancels the call on a timeout or a disconnect
-            cancelled.set()  # its batch stops at the next step once every member is gone
+            job.cancelled.set()  # its batch stops at the next step once every member is gone
             raise
+        finally:
+            self._dequeue([job])
+        if isinstance(outputs, Exception):  # this request failed alone (its batch's others did not)
+            raise outputs
         return response_body(self.model_name, outputs, int(time.time()))
 
     @serve.batch(max_batch_size=BATCHING.max_batch_size, batch_wait_timeout_s=BATCHING.batch_wait_timeout_s)
-    async def _generate_batched(self, jobs: list) -> list:
+    async def _generate_batched(self, jobs: list[_Job]) -> list:
         """Each group of requests that may share a batch (:func:`irg.serve.batching.batch_key`) runs
-        as one pipeline call; each request gets back its own outputs. ``jobs`` are (request, cancelled)
-        pairs: a call stops at its next step once every one of its requests is cancelled."""
-        requests = [request for request, _ in jobs]
-        results: list = [None] * len(requests)
-        for members in group_by_batch_key(requests):
-            group = [requests[i] for i in members]
-            flags = [jobs[i][1] for i in members]
-            if all(flag.is_set() for flag in flags):
-                continue
-
-            def callback(event, flags=flags):
-                if all(flag.is_set() for flag in flags):
-                    raise GenerationCancelled()
-
-            outputs = await asyncio.to_thread(self._run, merge_requests(group), callback)
-            self.counts["largest_batch"] = max(self.counts["largest_batch"], len(members))
-            if outputs is None:  # cancelled: nobody waits for these
-                continue
-            for i, own in zip(members, split_outputs(group, outputs)):
+        as one pipeline call; each request gets back its own outputs, None if cancelled, or the
+        exception it failed with alone (:func:`irg.serve.batching.run_isolated`)."""
+        results: list = [None] * len(jobs)
+        for members in group_by_batch_key([job.request for job in jobs]):
+            group = [jobs[i] for i in members]
+            outputs = await run_isolated(group, lambda some: asyncio.to_thread(self._run, some))
+            for i, own in zip(members, outputs):
                 results[i] = own
         return results
 
@@ -154,8 +188,9 @@ class Generator:
         """Yields (event, data) pairs as the generation makes them. Streams of the same shape that
         arrive within ``batch_wait_timeout_s`` share one pipeline batch; each gets only its own prompts'
         events. If the consumer goes away, its events are dropped, and the generation stops at the
-        next step once no stream of the batch is left."""
-        job = _StreamJob(self._request(body), asyncio.Queue(), asyncio.get_running_loop())
+        next step once no stream of the batch is left. If the shared batch fails, each stream hears
+        ``restart`` and starts over alone."""
+        job = self._job(body, stream=True)
         self._enqueue_stream(job)
         try:
             while True:
@@ -167,8 +202,25 @@ class Generator:
                 yield item
         finally:
             job.cancelled.set()
+            self._dequeue([job])
 
-    def _enqueue_stream(self, job: "_StreamJob") -> None:
+    def _job(self, body: dict, stream: bool = False) -> _Job:
+        job = _Job(self._request(body))
+        if stream:
+            job.events, job.loop = asyncio.Queue(), asyncio.get_running_loop()
+        self.metrics.waiting(+1)
+        return job
+
+    def _dequeue(self, jobs: list[_Job]) -> None:
+        """``jobs`` no longer wait for a pipeline call (started, finished or gone); each counted once."""
+        with self.queue_lock:
+            leaving = [job for job in jobs if job.queued]
+            for job in leaving:
+                job.queued = False
+        if leaving:
+            self.metrics.waiting(-len(leaving))
+
+    def _enqueue_stream(self, job: _Job) -> None:
         key = batch_key(job.request)
         waiting = self.waiting_streams.setdefault(key, [])
         waiting.append(job)
@@ -183,27 +235,23 @@ class Generator:
             if jobs:
                 asyncio.ensure_future(self._run_streams(jobs))
 
-    async def _run_streams(self, jobs: list["_StreamJob"]) -> None:
-        requests = [job.request for job in jobs]
-        router = EventRouter(jobs, requests)
+    async def _run_streams(self, jobs: list[_Job]) -> None:
+        def run(some: list[_Job]):
+            router = EventRouter(some, [job.request for job in some])
 
-        def deliver(job, item):
-            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+            def on_event(event):
+                for job, item in router.route(event):
+                    job.deliver(item)
 
-        def callback(event):
-            if all(job.cancelled.is_set() for job in jobs):
-                raise GenerationCancelled()
-            for job, item in router.route(event):
-                deliver(job, item)
+            return asyncio.to_thread(self._run, some, on_event)
 
-        self.counts["largest_batch"] = max(self.counts["largest_batch"], len(jobs))
-        try:
-            await asyncio.to_thread(self._run, merge_requests(requests), callback)
-        except Exception as e:  # every stream of the batch hears about it
-            for job in jobs:
-                deliver(job, e)
-        for job in jobs:
-            deliver(job, _END)
+        def restart(job: _Job, error: Exception) -> None:
+            job.deliver(("restart", {"detail": "the batch this request shared failed; it starts again alone"}))
+
+        for job, result in zip(jobs, await run_isolated(jobs, run, restart)):
+            if isinstance(result, Exception):
+                job.deliver(result)
+            job.deliver(_END)
 
     def _request(self, body: dict):
         try:
@@ -213,36 +261,59 @@ class Generator:
             raise ValueError(str(e)) from None
 
     def stats(self) -> dict:
-        """Pipeline calls completed and cancelled, the largest batch so far, and the batching in force."""
+        """Pipeline calls completed, cancelled and failed, the largest batch so far, and the batching in force."""
         return {**self.counts, **self.batching.model_dump()}
 
-    def _run(self, request, callback):
+    def _run(self, jobs: list[_Job], on_event=None) -> list:
+        """One pipeline call for ``jobs`` (which share a batch key), in the pipeline's thread: each job's
+        outputs, or None for each if every job was cancelled before it ended. Measured for the metrics;
+        raises what the pipeline raised."""
+        live = [job for job in jobs if not job.cancelled.is_set()]
+        if not live:
+            return [None] * len(jobs)
         with self.lock:
+            self._dequeue(jobs)
+            requests = [job.request for job in jobs]
+            meter = self.metrics.meter([job.arrived for job in jobs], [r.batch_size for r in requests])
+
+            def callback(event):
+                if all(job.cancelled.is_set() for job in jobs):
+                    raise GenerationCancelled()
+                meter.observe(event)
+                if on_event is not None:
+                    on_event(event)
+
+            self.counts["largest_batch"] = max(self.counts["largest_batch"], len(jobs))
             try:
-                outputs = self.pipe.generate(request, callback)
+                outputs = self.pipe.generate(merge_requests(requests), callback)
             except GenerationCancelled:
                 self.counts["cancelled"] += 1
-                return None
+                return [None] * len(jobs)
+            except Exception:
+                self.counts["failed"] += 1
+                log.exception("a pipeline call of %d requests failed", len(jobs))
+                raise
             self.counts["completed"] += 1
-            return outputs
+            return split_outputs(requests, outputs)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator: DeploymentHandle, request_timeout_s: float = 600.0, image_store: str | None = None,
-                 image_url_expiry_s: int = 3600, require_api_key: bool = False,
-                 api_keys_env: str = "IRG_API_KEYS", budget: Budget | None = None,
+    def __init__(self, generator: DeploymentHandle, model: str, request_timeout_s: float = 600.0,
+                 stream_keep_alive_s: float = 15.0, image_store: str | None = None, image_url_expiry_s: int = 3600,
+                 require_api_key: bool = False, api_keys_env: str = "IRG_API_KEYS", budget: Budget | None = None,
                  max_concurrent_per_key: int | None = None):
         self.generator = generator
-        self.request_timeout_s = request_timeout_s
+        self.model_id, self.created = model, int(time.time())  # /v1/models, answered here without the generator
+        self.request_timeout_s, self.stream_keep_alive_s = request_timeout_s, stream_keep_alive_s
         self.image_store, self.image_url_expiry_s = image_store, image_url_expiry_s
         self.keys = KeyRing.from_env(require_api_key, api_keys_env)  # from this replica's environment
         self.budget = budget or Budget(None, None)
         # Per key; without keys every caller is the same anonymous one, so no per-key limit then.
         self.concurrency = ConcurrencyLimiter(max_concurrent_per_key if require_api_key else None)
-        self.model_id: str | None = None  # the served model's id, asked once
         self.body_limits: dict | None = None  # the served model's defaults and bounds, asked once
+        api.state.metrics = IngressMetrics()
 
     def _caller(self, request: Request) -> str:
         """The name of the request's API key (a 401 OpenAIError without a valid one, when keys are required)."""
@@ -277,8 +348,10 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
+        """OpenAI's model list: the served model, from the ingress alone (a generator scaled to zero sleeps on)."""
         self._caller(request)
-        return {"object": "list", "data": [await self.generator.info.remote()]}
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created,
+                                            "owned_by": "irg"}]}
 
     @api.post("/v1/images/generations")
     async def generations(self, request: Request):
@@ -287,8 +360,6 @@ class Ingress:
         held = None
         try:
             caller = self._caller(request)
-            if self.model_id is None:
-                self.model_id = (await self.generator.info.remote())["id"]
             body = parse_body(await request.body(), self.model_id)
             await self._admit(body, caller)
             held = caller
@@ -300,7 +371,7 @@ class Ingress:
                 native = await asyncio.wait_for(response, self.request_timeout_s)
             except TimeoutError:
                 response.cancel()  # the generation stops at its next step
-                raise OpenAIError(f"generation took over {self.request_timeout_s} s", status=504,
+                raise OpenAIError(f"generation took over {self.request_timeout_s:g} s", status=504,
                                   type="server_error") from None
             except asyncio.CancelledError:  # the client went away
                 response.cancel()
@@ -309,12 +380,13 @@ class Ingress:
             return await asyncio.to_thread(openai_response, native, body, store)
         except OpenAIError as e:
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-        except ValueError as e:  # Ray's error wraps the replica's; the message is the cause's
-            return JSONResponse(generation_error(str(getattr(e, "cause", None) or e)).body(), status_code=400)
         except BackPressureError:
             busy = _busy()
             return JSONResponse(OpenAIError(busy.detail, status=503, type="server_error").body(), status_code=503,
                                 headers=busy.headers)
+        except Exception as e:  # the generator refused it (400) or failed (500): never Ray's traceback
+            error = _server_error(e)
+            return JSONResponse(error.body(), status_code=error.status)
         finally:
             if held is not None:
                 self.concurrency.release(held)
@@ -326,70 +398,64 @@ class Ingress:
             raise OpenAIError(f"response_format: url needs an object store: {e}", param="response_format",
                               code="unsupported_value") from None
 
-    async def _openai_stream(self, body, caller: str) -> StreamingResponse:
-        native = body.native()
+    async def _start_stream(self, native: dict, caller: str):
+        """The generator's stream for a checked request, and its rounds; a bad request fails before the 200,
+        and the caller's concurrency slot is released if it does."""
         try:
-            rounds = await self.generator.check.remote(native)  # a bad request fails before the 200
+            rounds = await self.generator.check.remote(native)
         except BaseException:
             self.concurrency.release(caller)
             raise
-        stream = self.generator.options(stream=True).stream.remote(native)
+        return self.generator.options(stream=True).stream.remote(native), rounds
+
+    async def _relay(self, stream, encode, caller: str):
+        """The server-sent text of ``stream``'s events through ``encode(name, data) -> [text]``, with
+        keep-alive comments while it is silent and an ``error`` event at the timeout or a failure. The
+        generation stops and the caller's slot is released however the stream ends."""
+        try:
+            async for item in paced(stream, self.stream_keep_alive_s, self.request_timeout_s):
+                for text in [KEEP_ALIVE] if item is None else await encode(*item):
+                    yield text
+        except StreamTimeout as e:
+            for text in await encode("error", {"detail": str(e)}):
+                yield text
+        except BackPressureError:
+            for text in await encode("error", {"detail": _busy().detail, "retry_after_s": RETRY_AFTER_S}):
+                yield text
+        except Exception as e:
+            for text in await encode("error", {"detail": _server_error(e).message}):
+                yield text
+        finally:
+            stream.cancel()
+            self.concurrency.release(caller)
+
+    async def _openai_stream(self, body, caller: str) -> StreamingResponse:
+        native = body.native()
+        stream, rounds = await self._start_stream(native, caller)
         converter = OpenAIStream(body, rounds, int(time.time()))
 
-        async def events():
-            late = self.request_timeout_s
-            deadline = asyncio.get_running_loop().time() + late
-            try:
-                async for name, data in stream:
-                    for text in await asyncio.to_thread(converter.event, name, data):
-                        yield text
-                    if asyncio.get_running_loop().time() > deadline:
-                        yield converter.event("error", {"detail": f"generation took over {late} s"})[0]
-                        return
-            except BackPressureError:
-                yield converter.event("error", {"detail": _busy().detail})[0]
-            except ValueError as e:
-                yield converter.event("error", {"detail": str(e)})[0]
-            finally:
-                stream.cancel()
-                self.concurrency.release(caller)
+        async def encode(name: str, data: dict) -> list[str]:
+            return await asyncio.to_thread(converter.event, name, data)  # images are re-encoded
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(self._relay(stream, encode, caller), media_type="text/event-stream")
 
     @api.post("/v1/images/generations/stream")
     async def generations_stream(self, body: GenerationBody, request: Request) -> StreamingResponse:
         caller = self._caller(request)
         await self._admit(body, caller)
         try:  # a bad request gets its 4xx before the stream (and its 200) starts
-            await self.generator.check.remote(body.model_dump())
-        except ValueError as e:
-            self.concurrency.release(caller)
-            raise HTTPException(status_code=422, detail=str(e)) from None
+            stream, _ = await self._start_stream(body.model_dump(), caller)
         except BackPressureError:
-            self.concurrency.release(caller)
             raise _busy() from None
-        except BaseException:
-            self.concurrency.release(caller)
-            raise
-        stream = self.generator.options(stream=True).stream.remote(body.model_dump())
+        except Exception as e:
+            error = _server_error(e)
+            raise HTTPException(status_code=422 if error.status == 400 else error.status, detail=error.message) \
+                from None
 
-        async def events():
-            deadline = asyncio.get_running_loop().time() + self.request_timeout_s
-            try:
-                async for name, data in stream:
-                    yield sse(name, data)
-                    if asyncio.get_running_loop().time() > deadline:
-                        yield sse("error", {"detail": f"generation took over {self.request_timeout_s} s"})
-                        return
-            except BackPressureError:
-                yield sse("error", {"detail": _busy().detail, "retry_after_s": RETRY_AFTER_S})
-            except ValueError as e:
-                yield sse("error", {"detail": str(e)})
-            finally:
-                stream.cancel()
-                self.concurrency.release(caller)
+        async def encode(name: str, data: dict) -> list[str]:
+            return [sse(name, data)]
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(self._relay(stream, encode, caller), media_type="text/event-stream")
 
 
 def build_app(args: AppArgs) -> Application:
@@ -405,9 +471,9 @@ def bind_app(args: AppArgs, **generator_options) -> Application:
     generator = Generator.options(**generator_options) if generator_options else Generator
     required = keys_required(args.require_api_key, _http_host())
     KeyRing.from_env(required, args.api_keys_env)  # keys required and none configured: refuse to build
-    return Ingress.bind(generator.bind(args.model, args.device, args.dtype), args.request_timeout_s, args.image_store,
-                        args.image_url_expiry_s, required, args.api_keys_env, args.budget,
-                        args.max_concurrent_per_key)
+    return Ingress.bind(generator.bind(args.model, args.device, args.dtype), args.model, args.request_timeout_s,
+                        args.stream_keep_alive_s, args.image_store, args.image_url_expiry_s, required,
+                        args.api_keys_env, args.budget, args.max_concurrent_per_key)
 
 
 def _http_host() -> str | None:

@@ -178,10 +178,10 @@ def s3_env(s3_server, monkeypatch):
 
 
 @contextlib.contextmanager
-def serving(env: dict[str, str] | None = None, **app_args):
+def serving(env: dict[str, str] | None = None, ray_init: dict | None = None, **app_args):
     """A local Ray + Serve running the IRG app on the tiny model (app "irg" at "/") built from
     ``AppArgs(model=..., device="cpu", **app_args)``, with ``env`` set before Ray starts (so its
-    replicas see it too); its base URL."""
+    replicas see it too) and ``ray_init`` added to ``ray.init``'s arguments; its base URL."""
     import ray
     from ray import serve
 
@@ -192,7 +192,7 @@ def serving(env: dict[str, str] | None = None, **app_args):
     for name, value in (env or {}).items():
         patch.setenv(name, value)
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(**{"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, **(ray_init or {})})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(AppArgs(model=str(FIXTURE_DIR), device="cpu", **app_args)), name="irg", route_prefix="/")

@@ -37,10 +37,19 @@ def test_a_streamed_request_yields_its_events_in_order(server):
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("text/event-stream")
         events = list(read_events(response))
-    kinds = [name for name, _ in events]
+    kinds = [name for name, _ in events if name != "think_delta"]
     updates = SMALL["steps"] - 1  # `steps` timesteps from noise to image: steps - 1 updates
     expected = (["think"] + ["step"] * updates + ["image"]) * 2 + ["done"]
     assert kinds == expected
+    # Each think streams token by token before it is whole: its deltas rebuild it exactly.
+    built: dict = {}
+    for name, data in events:
+        if name == "think_delta":
+            built[data["round"]] = built.get(data["round"], "")[: data["offset"]] + data["delta"]
+        elif name == "think":
+            assert built.pop(data["round"]) == data["text"]
+    assert built == {}
+    assert sum(name == "think_delta" for name, _ in events) > 2
     assert [d["round"] for n, d in events if n in ("think", "image")] == [1, 1, 2, 2]
     for name, data in events:
         if name == "image":
@@ -64,6 +73,12 @@ BAD_REQUESTS = [
 ]
 
 
+def assert_no_internals(text: str) -> None:
+    """An error a client reads names the problem, never the server's insides (Ray's remote traceback)."""
+    for inside in ("Traceback", 'File "', "pid=", "ray::", "site-packages", str(FIXTURE_DIR)):
+        assert inside not in text, (inside, text[:500])
+
+
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/generations/stream"])
 def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(server, path):
     assert len(BAD_REQUESTS) == 20
@@ -75,6 +90,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
             response = requests.post(f"{server}{path}", json=bad, timeout=60)
         assert 400 <= response.status_code < 500, (bad, response.status_code, response.text[:300])
         assert response.json()["detail"], bad
+        assert_no_internals(response.text)
     assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
     assert requests.get(f"{server}/v1/models", timeout=30).json()["data"][0]["id"] == str(FIXTURE_DIR)
     ok = requests.post(f"{server}/v1/images/generations", json={"prompt": "a blue ball", **SMALL}, timeout=120)
@@ -200,8 +216,8 @@ def test_a_generator_loads_in_bf16_and_reconfigure_sets_its_batching():
     assert generator.pipe.dtype == torch.bfloat16
     try:
         generator.reconfigure({"max_batch_size": 2, "batch_wait_timeout_s": 0.5})
-        assert generator.stats() == {"completed": 0, "cancelled": 0, "largest_batch": 0, "max_batch_size": 2,
-                                     "batch_wait_timeout_s": 0.5}
+        assert generator.stats() == {"completed": 0, "cancelled": 0, "failed": 0, "largest_batch": 0,
+                                     "max_batch_size": 2, "batch_wait_timeout_s": 0.5}
         assert generator._generate_batched._get_max_batch_size() == 2
         assert generator._generate_batched._get_batch_wait_timeout_s() == 0.5
         with pytest.raises(ValidationError, match=r"(?m)^max_batch\n"):
@@ -236,3 +252,27 @@ def test_a_user_config_of_max_batch_size_1_runs_same_shape_requests_one_by_one(s
     stats = generator.stats.remote().result()
     assert (stats["completed"], stats["largest_batch"]) == (6, 1), stats
     serve.delete("one-by-one")
+
+
+def test_the_model_list_is_answered_without_waking_a_generator_scaled_to_zero(server):
+    from openai import OpenAI
+
+    from serve_apps.irg_app import bind_app
+
+    cold = bind_app(AppArgs(model=str(FIXTURE_DIR), device="cpu"),
+                    autoscaling_config={"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1,
+                                        "upscale_delay_s": 0, "downscale_delay_s": 600})
+    serve.run(cold, name="cold", route_prefix="/cold")
+    try:
+        body = requests.get(f"{server}/cold/v1/models", timeout=30).json()
+        assert body["object"] == "list" and len(body["data"]) == 1
+        model = body["data"][0]
+        assert (model["id"], model["object"], model["owned_by"]) == (str(FIXTURE_DIR), "model", "irg")
+        assert abs(model["created"] - time.time()) < 600
+        client = OpenAI(base_url=f"{server}/cold/v1", api_key="unused", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == [str(FIXTURE_DIR)]
+        time.sleep(3)  # an upscale would have started by now (upscale_delay_s 0)
+        replicas = serve.status().applications["cold"].deployments["Generator"].replica_states
+        assert sum(replicas.values()) == 0, replicas
+    finally:
+        serve.delete("cold")

@@ -63,7 +63,31 @@ def test_events_go_to_the_stream_that_owns_the_prompt_with_its_own_index():
         [("s2", ("think", {"index": 0, "round": 2, "text": "c's"}))]
     [(stream, (name, data))] = router.route(PipelineEvent("image", round=0, prompt_index=2, image=image))
     assert (stream, name, data["index"], data["round"]) == ("s2", "image", 0, 1) and data["b64_png"]
-    assert router.route(PipelineEvent("think_token", round=0, prompt_index=0, text="a")) == []  # not streamed
+
+
+def test_think_tokens_stream_as_deltas_that_rebuild_the_text_per_prompt_and_round():
+    router = EventRouter(["s1", "s2"], [request(["a", "b"]), request(["c"])])
+    texts: dict = {}
+
+    def send(prompt, round, text):
+        routed = router.route(PipelineEvent("think_token", round=round, prompt_index=prompt, text=text))
+        for stream, (name, data) in routed:
+            assert name == "think_delta"
+            key = (stream, data["index"], data["round"])
+            texts[key] = texts.get(key, "")[: data["offset"]] + data["delta"]
+        return routed
+
+    [(_, (_, first))] = send(2, 0, "a red")
+    assert first == {"index": 0, "round": 1, "offset": 0, "delta": "a red"}
+    [(_, (_, second))] = send(2, 0, "a red cube")
+    assert (second["offset"], second["delta"]) == (5, " cube")  # only what is new
+    send(2, 0, "a red cube \ufffd")  # half a character, then the whole one replaces it
+    [(_, (_, fixed))] = send(2, 0, "a red cube é")
+    assert (fixed["offset"], fixed["delta"]) == (11, "é")
+    assert send(2, 0, "a red cube é") == []  # nothing new: nothing sent
+    send(0, 0, "left")
+    send(0, 1, "a reflection")
+    assert texts == {("s2", 0, 1): "a red cube é", ("s1", 0, 1): "left", ("s1", 0, 2): "a reflection"}
 
 
 def test_batch_wide_events_reach_every_stream():

@@ -119,7 +119,8 @@ def response_body(model: str, outputs, created: int) -> dict:
 
 def event_payload(event: PipelineEvent) -> tuple[str, dict] | None:
     """The server-sent event (name, data) for a pipeline event: a round's think text, a denoising
-    step, a round's image, the end; None for those not streamed (think tokens). Rounds count from 1
+    step, a round's image, the end; None for think tokens, which
+    :class:`irg.serve.batching.EventRouter` streams as deltas. Rounds count from 1
     as in the JSON response; ``index`` is the prompt's position in the pipeline batch (-1: all)."""
     if event.kind == "think_done":
         return "think", {"index": event.prompt_index, "round": event.round + 1, "text": event.text}

@@ -266,6 +266,9 @@ class OpenAIStream:
         if name == "think":
             self.texts.setdefault(data["index"], []).append(data["text"])
             return []
+        if name == "restart":  # the request starts over alone: its texts so far are void, partial images stay
+            self.texts.clear()
+            return []
         if name == "error":
             return [sse("error", OpenAIError(data.get("detail", "generation failed"), status=500,
                                              type="server_error").body())]

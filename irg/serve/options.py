@@ -32,6 +32,7 @@ class AppArgs(BaseModel):
     device: str = AUTO
     dtype: str = AUTO
     request_timeout_s: float = Field(600.0, gt=0)  # beyond it a request gets a 504
+    stream_keep_alive_s: float = Field(15.0, gt=0)  # a silent stream sends an SSE comment this often
     # Where response_format="url" images go (an s3:// prefix; None: serve/images in the configured
     # store's bucket) and how long their presigned URLs last (S3 signs for at most 7 days).
     image_store: str | None = Field(None, pattern=r"^s3://[^/]+")
