@@ -9,8 +9,11 @@ that a short run shows the generator scaling up and back down) and the batching 
 sampled every 0.5 s, during the load and for up to ``--cooldown`` seconds after it, until they are
 back at the minimum. Serve and Ray are shut down at the end, also on error or Ctrl-C.
 
-A 503 (every replica busy and the queue full) counts as ``rejected_503``; any other non-200 or a
-client-side exception counts as a failure, and a healthy run has none.
+API keys are on, as on a cluster: every client sends its own key (``Authorization: Bearer``, from
+``$IRG_BENCH_API_KEYS``, which the replicas inherit), so the per-key concurrency is the app's default;
+``--no-keys`` turns them off. A 503 (every replica busy and the queue full) counts as
+``rejected_503``; any other non-200 (a 401 or a 429 included) or a client-side exception counts as a
+failure, and a healthy run has none.
 
     PYTHONPATH=. python benchmarks/serve_load.py                              # defaults: ~1.5 min on 2 cores
     PYTHONPATH=. python benchmarks/serve_load.py --clients 16 --seconds 60 --max-replicas 3 --cpus 4
@@ -24,6 +27,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import sys
 import threading
 import time
@@ -34,6 +38,7 @@ from irg.serve.options import AppArgs, BatchOptions
 
 MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "bagel_tiny"
 APP = "irg-bench"
+KEYS_ENV = "IRG_BENCH_API_KEYS"
 PROMPTS = ["a red cube on a table", "two blue balls", "a green cone in the snow", "a yellow star over a hill",
            "a cat made of glass", "three stacked boxes", "a small boat at sunset", "an orange circle and a square"]
 
@@ -69,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--request-timeout", type=float, default=300.0,
                         help="server-side request timeout (504 beyond it); the client waits 30 s longer")
     parser.add_argument("--model", default=str(MODEL), help="checkpoint path (the tiny fixture by default)")
+    parser.add_argument("--no-keys", dest="keys", action="store_false",
+                        help="serve without API keys (by default every client has its own)")
     args = parser.parse_args(argv)
     for name in ("clients", "cpus", "max_replicas", "max_batch_size", "steps", "rounds", "n", "max_think_tokens"):
         if getattr(args, name) < 1:
@@ -151,12 +158,14 @@ class ReplicaSampler:
 
 
 def client(url: str, index: int, args: argparse.Namespace, deadline: float, t0: float, results: list,
-           stop: threading.Event) -> None:
-    """Send requests one after another until ``deadline`` (or ``stop``); append (start_s, latency_s, outcome,
-    detail)."""
+           stop: threading.Event, key: str | None) -> None:
+    """Send requests one after another until ``deadline`` (or ``stop``), with API key ``key`` if any; append
+    (start_s, latency_s, outcome, detail)."""
     import requests
 
     with requests.Session() as session:
+        if key is not None:
+            session.headers["authorization"] = f"Bearer {key}"
         i = 0
         while time.perf_counter() < deadline and not stop.is_set():
             body = {"prompt": f"{PROMPTS[(index + i) % len(PROMPTS)]} #{index}.{i}", "n": args.n,
@@ -197,12 +206,13 @@ def generator_stats(handle, calls: int) -> list[dict]:
     return seen
 
 
-def run_load(args: argparse.Namespace, url: str, sampler: ReplicaSampler, t0: float) -> tuple[list, float]:
+def run_load(args: argparse.Namespace, url: str, sampler: ReplicaSampler, t0: float,
+             keys: list[str | None]) -> tuple[list, float]:
     results: list = []
     deadline = t0 + args.seconds
     stop = threading.Event()
-    threads = [threading.Thread(target=client, args=(url, i, args, deadline, t0, results, stop), daemon=True)
-               for i in range(args.clients)]
+    threads = [threading.Thread(target=client, args=(url, i, args, deadline, t0, results, stop, keys[i]),
+                                daemon=True) for i in range(args.clients)]
     for t in threads:
         t.start()
     try:
@@ -234,11 +244,16 @@ def main(args: argparse.Namespace) -> dict:
     batching = BatchOptions(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait)
     port = free_port()
     started = time.perf_counter()
+    keys: list[str | None] = [f"sk-bench-{i}-{secrets.token_hex(8)}" if args.keys else None
+                              for i in range(args.clients)]
+    if args.keys:  # before Ray starts, so that the replicas inherit it
+        os.environ[KEYS_ENV] = ",".join(f"client{i}:{key}" for i, key in enumerate(keys))
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         log(f"Serve on 127.0.0.1:{port}; deploying the app with {args.model} (autoscaling {autoscaling})")
-        app = bind_app(AppArgs(model=args.model, device="cpu", request_timeout_s=args.request_timeout),
+        app = bind_app(AppArgs(model=args.model, device="cpu", request_timeout_s=args.request_timeout,
+                               require_api_key=args.keys, api_keys_env=KEYS_ENV),
                        autoscaling_config=autoscaling, user_config=batching.model_dump(),
                        max_ongoing_requests=max(Generator.max_ongoing_requests, batching.max_batch_size))
         serve.run(app, name=APP, route_prefix="/")
@@ -252,7 +267,7 @@ def main(args: argparse.Namespace) -> dict:
         sampler = ReplicaSampler(t0)
         sampler.start()
         try:
-            results, load_end = run_load(args, url, sampler, t0)
+            results, load_end = run_load(args, url, sampler, t0, keys)
             load_wall = load_end - t0
             replicas_at_load_end = sampler.current
             stats_at_load_end = generator_stats(handle, calls=4 * max(1, replicas_at_load_end or 1))
@@ -289,7 +304,8 @@ def main(args: argparse.Namespace) -> dict:
                      "request": {"size": args.size, "n": args.n, "steps": args.steps, "rounds": args.rounds,
                                  "max_think_tokens": args.max_think_tokens},
                      "autoscaling": autoscaling, "batching": batching.model_dump(),
-                     "request_timeout_s": args.request_timeout, "model": args.model},
+                     "request_timeout_s": args.request_timeout, "model": args.model,
+                     "api_keys": "one per client" if args.keys else "off"},
         "deploy_s": round(deploy_s, 2),
         "load_wall_s": round(load_wall, 2),
         "requests": {"sent": len(results), "completed": len(ok), "failed": len(failed), "rejected_503": len(rejected)},

@@ -6,8 +6,8 @@
 Endpoints: ``POST /v1/images/generations`` (OpenAI's Images API, :mod:`irg.serve.openai_api`: the final
 image as ``b64_json`` or ``url``, its ``revised_prompt``, and the think texts and PNGs of every round;
 ``stream: true`` gives OpenAI's image streaming events),
-``POST /v1/images/generations/stream`` (server-sent events as they happen: think, step, image,
-done), ``GET /healthz``, ``GET /v1/models``, ``GET /v1/limits`` (each body field's default and
+``POST /v1/images/generations/stream`` (server-sent events as they happen: think_delta, think,
+step, image, done), ``GET /healthz``, ``GET /v1/models``, ``GET /v1/limits`` (each body field's default and
 bounds). Bodies are checked before any model work and a bad one gets a 4xx naming the field. The
 builder's args are :class:`irg.serve.options.AppArgs` (Serve validates them before building).
 Concurrent requests of the same shape (JSON ones together, streams together) are batched into one
@@ -18,7 +18,10 @@ queues ``max_queued_requests`` more and answers 503 beyond that. A client that d
 generation at the next step, a JSON request that times out or whose client disconnects too (once
 every request of its batch is gone). ``/v1/*`` asks for an API key (``Authorization: Bearer``,
 :mod:`irg.serve.auth`) when the app requires one, and refuses a request over its compute budget or
-a key's concurrency (:mod:`irg.serve.budget`) before any model work.
+a key's concurrency (:mod:`irg.serve.budget`) before any model work. A shared pipeline call that
+fails runs each of its requests again alone (:func:`irg.serve.batching.run_isolated`); clients read
+errors through :mod:`irg.serve.errors` (never Ray's traceback); streams keep alive and end at their
+timeout (:mod:`irg.serve.streaming`); every call is measured into :mod:`irg.serve.metrics`.
 
 This module is only the Ray and FastAPI wiring; what it wires lives in :mod:`irg.serve`.
 """
