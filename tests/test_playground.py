@@ -176,6 +176,42 @@ def click(page: CDP, element_id: str) -> None:
         page.call("Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], button="left", clickCount=1)
 
 
+def wait_until_drawn(page: CDP, images: int) -> None:
+    """Waits until the generation has ended with ``images`` decoded images, or shows an error."""
+    page.wait_for(f"""(() => {{
+        const s = {STATE};
+        const drawn = s.images.length === {images} && s.images.every(i => i.complete && i.width > 0);
+        return s.error !== null || (!s.running && drawn);
+    }})()""", what=f"{images} round images")
+
+
+def check_round_images(images: list[dict], rounds: int, size: tuple[int, int]) -> None:
+    """One image per round, in order, each a PNG data URL that the page decoded at ``size``."""
+    assert [i["round"] for i in images] == [str(r) for r in range(1, rounds + 1)], images
+    for image in images:
+        assert image["src"].startswith("data:image/png;base64,")
+        assert (image["width"], image["height"]) == size
+        decoded = Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1])))
+        assert decoded.format == "PNG" and decoded.size == size
+
+
+def save_screenshot(page: CDP, path) -> int:
+    """Saves the top of the page as a PNG at ``path`` and checks that it is one, of a page that shows
+    something (not blank); its size in bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    shot = page.call("Page.captureScreenshot", format="png")
+    path.write_bytes(base64.b64decode(shot["data"]))
+    png = path.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000, len(png)
+    with Image.open(path) as screenshot:
+        screenshot.verify()
+    with Image.open(path) as screenshot:
+        assert screenshot.size == (1280, 860)
+        assert len(screenshot.convert("RGB").getcolors(maxcolors=1 << 20)) > 100  # not a blank page
+    return len(png)
+
+
 STATE = """(() => {
     const error = document.getElementById('error');
     return {
@@ -208,6 +244,45 @@ WATCH_BUTTONS = """(() => {
 })()"""
 
 
+# Records, in order, what each round's card shows as it changes: every think text it displays (each
+# replacement is a new text node, kept as it was then), each progress step and its image.
+WATCH_ROUNDS = """(() => {
+    window.shown = [];
+    new MutationObserver((records) => {
+        for (const r of records) {
+            const card = r.target.closest('.card');
+            if (!card) continue;
+            const round = Number(card.dataset.round);
+            if (r.type === 'attributes') window.shown.push({round, what: 'step'});
+            else if (r.target.dataset.role === 'think') {
+                for (const node of r.addedNodes) window.shown.push({round, what: 'think', text: node.data});
+            } else if ([...r.addedNodes].some(node => node.tagName === 'IMG')) {
+                window.shown.push({round, what: 'image'});
+            }
+        }
+    }).observe(document.getElementById('run'),
+               {subtree: true, childList: true, attributes: true, attributeFilter: ['aria-valuenow']});
+})()"""
+
+
+def check_shown_as_it_streamed(shown: list[dict], final_thinks: list[str]) -> None:
+    """Each round's think text grew token by token before the round drew, and each round's image
+    appeared before the next round began."""
+    def first(round_number, what):
+        return next(i for i, e in enumerate(shown) if (e["round"], e["what"]) == (round_number, what))
+
+    for round_number, final in enumerate(final_thinks, start=1):
+        texts = [e["text"] for e in shown if (e["round"], e["what"]) == (round_number, "think")]
+        distinct = [t for i, t in enumerate(texts) if i == 0 or t != texts[i - 1]]
+        assert len(distinct) > 2 and distinct[-1] == final, (round_number, distinct)
+        settled = [t.rstrip("\ufffd") for t in distinct]  # but for a character whose bytes are still coming
+        assert all(b.startswith(a) for a, b in zip(settled, settled[1:])), distinct
+        last_think = max(i for i, e in enumerate(shown) if (e["round"], e["what"]) == (round_number, "think"))
+        assert last_think < first(round_number, "step") < first(round_number, "image"), shown
+        if round_number > 1:
+            assert first(round_number - 1, "image") < first(round_number, "think"), shown
+
+
 @pytest.mark.integration
 def test_the_playground_streams_each_round_s_think_text_progress_and_image(server, browser):
     page = open_playground(browser, server)
@@ -217,13 +292,10 @@ def test_the_playground_streams_each_round_s_think_text_progress_and_image(serve
     fill_form(page, PROMPT, **settings)
 
     page.evaluate(WATCH_BUTTONS)
+    page.evaluate(WATCH_ROUNDS)
     started = time.monotonic()
     click(page, "generate")
-    page.wait_for(f"""(() => {{
-        const s = {STATE};
-        const drawn = s.images.length === 2 && s.images.every(i => i.complete && i.width > 0);
-        return s.error !== null || (!s.running && drawn);
-    }})()""", what="two round images")
+    wait_until_drawn(page, images=2)
     elapsed = time.monotonic() - started
     state = page.evaluate(STATE)
 
@@ -232,12 +304,7 @@ def test_the_playground_streams_each_round_s_think_text_progress_and_image(serve
     # While it ran, Generate was disabled and Stop offered; both are back as they were.
     assert page.evaluate("window.buttonChanges") == {"generateDisabled": True, "stopEnabled": True}
     assert not state["running"] and state["stopDisabled"]
-    assert [i["round"] for i in state["images"]] == ["1", "2"]
-    for image in state["images"]:
-        assert image["src"].startswith("data:image/png;base64,")
-        assert (image["width"], image["height"]) == (64, 64)
-        decoded = Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1])))
-        assert decoded.format == "PNG" and decoded.size == (64, 64)
+    check_round_images(state["images"], rounds=2, size=(64, 64))
     assert len(state["thinks"]) == 2 and all(t.strip() for t in state["thinks"]), state["thinks"]
     for card in state["cards"]:  # every progress bar ran to its last step
         assert card["state"] == "done" and int(card["now"]) == int(card["max"]) == settings["steps"] - 1, card
@@ -246,21 +313,12 @@ def test_the_playground_streams_each_round_s_think_text_progress_and_image(serve
     body = requests.post(f"{server}/v1/images/generations", json={"prompt": PROMPT, **settings}, timeout=120).json()
     rounds = body["data"][0]["rounds"]
     assert state["thinks"] == [r["text"] for r in rounds]
+    check_shown_as_it_streamed(page.evaluate("window.shown"), state["thinks"])
     assert [i["src"].split(",", 1)[1] for i in state["images"]] == [r["b64_png"] for r in rounds]
     assert page.page_errors() == []
 
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.evaluate("window.scrollTo(0, 0)")
-    shot = page.call("Page.captureScreenshot", format="png")
-    SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
-    png = SCREENSHOT.read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000, len(png)
-    with Image.open(SCREENSHOT) as screenshot:
-        screenshot.verify()
-    with Image.open(SCREENSHOT) as screenshot:
-        assert screenshot.size == (1280, 860)
-        assert len(screenshot.convert("RGB").getcolors(maxcolors=1 << 20)) > 100  # not a blank page
-    print(f"generation in the page took {elapsed:.1f} s; screenshot {SCREENSHOT} ({len(png)} bytes)")
+    size = save_screenshot(page, SCREENSHOT)
+    print(f"generation in the page took {elapsed:.1f} s; screenshot {SCREENSHOT} ({size} bytes)")
 
 
 @pytest.mark.integration

@@ -1,5 +1,6 @@
-"""The service's metrics on Ray's Prometheus endpoint, scraped after real requests to a local Serve app,
-and the Grafana dashboard that reads them (every series it asks for is one Ray exports)."""
+"""The service's metrics on Ray's Prometheus endpoint, scraped after real requests to a local Serve app
+that requires keys and lets a key run one request at a time, and the Grafana dashboard that reads them
+(every series it asks for is one Ray exports)."""
 
 import json
 import re
@@ -15,6 +16,9 @@ pytestmark = pytest.mark.integration
 
 DASHBOARD = REPO / "infra" / "grafana" / "irg-serve.json"
 SMALL = {"size": "64x64", "steps": 4, "rounds": 2, "max_think_tokens": 8, "seed": 7}
+KEYS_ENV = "IRG_TEST_METRICS_KEYS"
+KEY = "sk-test-metrics"
+AUTH = {"authorization": f"Bearer {KEY}"}
 METRICS_PORT = free_port()
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 
@@ -22,7 +26,8 @@ SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})? (?P<
 @pytest.fixture(scope="module")
 def serve_url():  # this module's Ray exports its metrics on a known port, every half second
     init = {"_metrics_export_port": METRICS_PORT, "_system_config": {"metrics_report_interval_ms": 500}}
-    with serving(ray_init=init) as url:
+    with serving({KEYS_ENV: f"tester:{KEY}"}, ray_init=init, require_api_key=True, api_keys_env=KEYS_ENV,
+                 max_concurrent_per_key=1) as url:
         yield url
 
 
@@ -41,19 +46,53 @@ def total(samples, name: str, **labels) -> float:
     return sum(value for n, have, value in samples if n == name and labels.items() <= have.items())
 
 
+def client(url, key):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_a_key_over_its_concurrency_gets_a_429_until_its_request_ends(serve_url):
+    import openai
+
+    long = {"prompt": "many shapes", "size": "256x256", "steps": 200, "rounds": 4, "max_think_tokens": 8}
+    with requests.post(f"{serve_url}/v1/images/generations/stream", json=long, headers=AUTH, stream=True,
+                       timeout=120) as running:
+        assert running.status_code == 200
+        lines = running.iter_lines(decode_unicode=True)  # kept: a dropped iterator closes the connection
+        assert "event: step" in lines  # reads up to the first step: the generation is under way
+        with pytest.raises(openai.RateLimitError) as info:  # the same key while its stream runs
+            client(serve_url, KEY).images.generate(prompt="a red cube", size="64x64", extra_body=SMALL)
+        assert (info.value.status_code, info.value.code) == (429, "rate_limit_exceeded")
+        assert "max_concurrent_per_key is 1" in info.value.message
+        assert info.value.response.headers["retry-after"]
+    # The stream is closed: its slot is free again (its generation stops at the next step).
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert client(serve_url, KEY).images.generate(prompt="a red cube", size="64x64", extra_body=SMALL).data
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the closed stream kept its key's slot"
+            time.sleep(0.5)
+
+
 def test_requests_show_up_on_ray_s_prometheus_endpoint_and_the_dashboard_reads_them(serve_url):
-    ok = requests.post(f"{serve_url}/v1/images/generations", json={"prompt": "a red cube", **SMALL}, timeout=120)
+    ok = requests.post(f"{serve_url}/v1/images/generations", json={"prompt": "a red cube", **SMALL}, headers=AUTH,
+                       timeout=120)
     assert ok.status_code == 200
-    with requests.post(f"{serve_url}/v1/images/generations/stream", json={"prompt": "a ball", **SMALL}, stream=True,
-                       timeout=120) as stream:
+    with requests.post(f"{serve_url}/v1/images/generations/stream", json={"prompt": "a ball", **SMALL}, headers=AUTH,
+                       stream=True, timeout=120) as stream:
         assert stream.status_code == 200 and stream.content  # read to its end
-    assert requests.post(f"{serve_url}/v1/images/generations", json={"prompt": "a", "steps": 1},
+    assert requests.post(f"{serve_url}/v1/images/generations", json={"prompt": "a", "steps": 1}, headers=AUTH,
                          timeout=60).status_code == 400
+    assert requests.get(f"{serve_url}/v1/models", timeout=30).status_code == 401
 
     expected = {  # what these three requests must have counted, at least
         ("ray_irg_requests_total", (("route", "/v1/images/generations"), ("status", "200"))): 1,
         ("ray_irg_requests_total", (("route", "/v1/images/generations"), ("status", "400"))): 1,
         ("ray_irg_requests_total", (("route", "/v1/images/generations/stream"), ("status", "200"))): 1,
+        ("ray_irg_requests_total", (("route", "/v1/models"), ("status", "401"))): 1,
         ("ray_irg_batch_size_count", ()): 2,
         ("ray_irg_think_tokens_total", ()): 2,  # a think and a reflection at least
         ("ray_irg_think_tokens_per_second_count", ()): 4,  # two think phases per request
