@@ -23,23 +23,98 @@ class PackedAttention:
     """Query lengths of the packed sequences and, per sequence, how its queries may attend.
 
     ``masks[i]`` is ``CAUSAL``, ``FULL`` or an explicit mask over (queries, cache + queries):
-    boolean (True = attend) or additive float (0 = attend, -inf = blocked).
+    boolean (True = attend) or additive float (0 = attend, -inf = blocked). ``cache_new``: whether the
+    new tokens join their sequences' caches (False for a query block that is only read, such as the
+    noised image of a denoising step).
     """
 
     query_lens: list[int]
     masks: list[str | torch.Tensor]
+    cache_new: bool = True
 
     def __post_init__(self):
         if len(self.query_lens) != len(self.masks):
             raise ValueError("one mask per packed sequence is required")
 
 
-@dataclass
-class LayerKV:
-    """Keys (after k-norm and RoPE) and values of one sequence in one layer: [S, kv_heads, head_dim]."""
+class _KVBuffer:
+    """Room for the keys and values of a context and its extensions, [capacity, kv_heads, head_dim]
+    each; rows below ``filled`` belong to some context and are never written again."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    __slots__ = ("keys", "values", "filled")
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int):
+        self.keys, self.values, self.filled = keys, values, filled
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[0]
+
+
+class LayerKV:
+    """Keys (after k-norm and RoPE) and values of one sequence in one layer: the first ``length`` rows
+    of a buffer, [length, kv_heads, head_dim].
+
+    A context is extended without copying it: the new rows are written into its buffer right after
+    its own, when the buffer has room and no other context has taken those rows yet (a decode step
+    costs the new token, not the context, as concatenation did). A context whose rows were already
+    taken (a fork: two contexts grown from one prefix) or whose buffer is full moves to a new buffer
+    with room to grow (doubling, so appends are amortised O(new rows)). Rows a view covers never
+    change, so contexts that share a prefix (the CFG branches, the system prompt of every request)
+    share its memory, each a length over the same buffer.
+    """
+
+    __slots__ = ("_buffer", "length")
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self._buffer = _KVBuffer(keys, values, keys.shape[0])
+        self.length = keys.shape[0]
+
+    @classmethod
+    def _view(cls, buffer: _KVBuffer, length: int) -> LayerKV:
+        view = cls.__new__(cls)
+        view._buffer, view.length = buffer, length
+        return view
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._buffer.keys[: self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._buffer.values[: self.length]
+
+    def _room_for(self, rows: int) -> _KVBuffer:
+        """This view's buffer if ``rows`` more fit right after it, unclaimed; else a new one holding a copy."""
+        buffer, end = self._buffer, self.length + rows
+        if buffer.filled == self.length and end <= buffer.capacity:
+            return buffer
+        capacity = max(end, 2 * self.length)
+        keys = buffer.keys.new_empty((capacity, *buffer.keys.shape[1:]))
+        values = buffer.values.new_empty((capacity, *buffer.values.shape[1:]))
+        keys[: self.length] = self.keys
+        values[: self.length] = self.values
+        return _KVBuffer(keys, values, self.length)
+
+    def extended(self, keys: torch.Tensor, values: torch.Tensor) -> LayerKV:
+        """This context followed by ``keys``/``values`` (new rows), as a new view; this one is unchanged."""
+        buffer, end = self._room_for(keys.shape[0]), self.length + keys.shape[0]
+        buffer.keys[self.length : end] = keys
+        buffer.values[self.length : end] = values
+        buffer.filled = end
+        return LayerKV._view(buffer, end)
+
+    def read_with(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This context's keys/values followed by new rows that are read once and not kept: written into
+        unclaimed room when there is some (nothing claimed, so the next extension writes there again),
+        else concatenated."""
+        end = self.length + keys.shape[0]
+        buffer = self._buffer
+        if buffer.filled == self.length and end <= buffer.capacity:
+            buffer.keys[self.length : end] = keys
+            buffer.values[self.length : end] = values
+            return buffer.keys[:end], buffer.values[:end]
+        return torch.cat([self.keys, keys]), torch.cat([self.values, values])
 
 
 @dataclass
@@ -48,8 +123,8 @@ class KVCache:
 
     ``length`` counts cached tokens; ``position`` is the next RoPE position. They differ once an image
     block has been cached, since all tokens of an image block share one position. Extending a cache
-    returns a new object and never mutates the old one, so contexts that share a prefix (the CFG
-    branches reuse prefixes of the main context) share its tensors for free.
+    returns a new object and never changes the old one (:class:`LayerKV`), so contexts that share a
+    prefix (the CFG branches reuse prefixes of the main context) share its memory.
     """
 
     layers: list[LayerKV] = field(default_factory=list)
@@ -62,21 +137,28 @@ def attend(
     k: torch.Tensor,
     v: torch.Tensor,
     spec: PackedAttention,
-    past: list[LayerKV] | None,
-) -> tuple[torch.Tensor, list[LayerKV]]:
+    past: list[LayerKV | None] | None,
+) -> tuple[torch.Tensor, list[LayerKV] | None]:
     """Attention of packed queries q [T, H, D] over keys/values k, v [T, Hkv, D] (+ each past).
 
-    Returns the attention output [T, H, D] and, per sequence, the full keys/values (past + new).
+    Returns the attention output [T, H, D] and, when ``spec.cache_new``, per sequence its keys/values
+    extended by the new tokens (None otherwise). ``past[i]`` None: sequence i has no cache yet.
     """
     outputs, present = [], []
     start = 0
     for i, (length, mask) in enumerate(zip(spec.query_lens, spec.masks)):
         qi, ki, vi = q[start : start + length], k[start : start + length], v[start : start + length]
         start += length
-        if past is not None and past[i].keys.shape[0] > 0:
-            ki = torch.cat([past[i].keys, ki])
-            vi = torch.cat([past[i].values, vi])
-        present.append(LayerKV(ki, vi))
+        cached = past[i] if past is not None else None
+        if cached is None or cached.length == 0:
+            if spec.cache_new:
+                present.append(LayerKV(ki, vi))
+        elif spec.cache_new:
+            layer = cached.extended(ki, vi)
+            present.append(layer)
+            ki, vi = layer.keys, layer.values
+        else:
+            ki, vi = cached.read_with(ki, vi)
         # SDPA's fused kernels (flash, memory-efficient) take 4-D [batch, heads, tokens, dim] inputs only;
         # 3-D inputs silently fall back to the unfused math kernel.
         out = F.scaled_dot_product_attention(
@@ -87,7 +169,7 @@ def attend(
             enable_gqa=qi.shape[1] != ki.shape[1],
         )
         outputs.append(out[0].transpose(0, 1))
-    return torch.cat(outputs), present
+    return torch.cat(outputs), present if spec.cache_new else None
 
 
 def _sdpa_mask(mask, q_len: int, kv_len: int, device):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from irg.model.attention import CAUSAL, FULL, KVCache, LayerKV, PackedAttention
+from irg.model.attention import CAUSAL, FULL, KVCache, PackedAttention
 from irg.model.batch import PackedBatch
 from irg.model.config import BagelConfig
 from irg.model.embeddings import PositionEmbedding2D, TimestepEmbedder
@@ -170,12 +170,11 @@ class Bagel(nn.Module):
         embeds = torch.cat([b.embeds for b in blocks])
         position_ids = torch.cat([b.position_ids for b in blocks])
         routing = TokenRouting.from_gen_mask(torch.cat([b.gen_mask for b in blocks]))
-        spec = PackedAttention([b.embeds.shape[0] for b in blocks], [b.mask for b in blocks])
+        spec = PackedAttention([b.embeds.shape[0] for b in blocks], [b.mask for b in blocks], cache_new=keep)
         num_layers = self.config.llm.num_hidden_layers
         past = None
         if any(c.layers for c in caches):
-            empty = LayerKV(embeds.new_empty(0), embeds.new_empty(0))
-            past = [[c.layers[layer] if c.layers else empty for c in caches] for layer in range(num_layers)]
+            past = [[c.layers[layer] if c.layers else None for c in caches] for layer in range(num_layers)]
         hidden, presents = self.language_model.model(embeds, position_ids, routing, spec, past)
         hidden_per_block = hidden.split(spec.query_lens)
         if not keep:
