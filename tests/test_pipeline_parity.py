@@ -84,16 +84,16 @@ def test_turn2_contexts_have_the_reference_kv_layout(pipe):
 
     golden, meta = load_golden("irg_turn2")
     model = pipe.model
-    (system,) = model.prefill_text([KVCache()], [pipe._wrap(CASE["system_prompt"])])
-    (main,) = model.prefill_text([system], [pipe._wrap(CASE["user_prompt"])])
-    (main,) = model.prefill_text([main], [pipe._wrap(CASE["think1"])])
+    (system,) = model.prefill_text([KVCache()], [pipe.wrap(CASE["system_prompt"])])
+    (main,) = model.prefill_text([system], [pipe.wrap(CASE["user_prompt"])])
+    (main,) = model.prefill_text([main], [pipe.wrap(CASE["think1"])])
     text_only = main
     tokens = patchify_latent(golden["vae_encoded_latent"][0], 2)
     torch.testing.assert_close(grid_position_ids(4, 4, 64), golden["vae_latent_position_ids"], atol=0, rtol=0)
     (main,) = model.prefill_vae_image([main], [tokens], [golden["vae_latent_position_ids"]])
     (main,) = model.prefill_vit_image([main], [golden["vit_patches"]], [golden["vit_position_ids"]])
     assert (main.length, main.position) == (meta["cfg_text_kv_len"], meta["cfg_text_generation_rope"])
-    main, text_only = model.prefill_text([main, text_only], [pipe._wrap(CASE["think2"])] * 2)
+    main, text_only = model.prefill_text([main, text_only], [pipe.wrap(CASE["think2"])] * 2)
     assert (main.length, main.position) == (meta["main_kv_len"], meta["generation_rope"])
     assert (text_only.length, text_only.position) == (meta["cfg_img_kv_len"], meta["cfg_img_generation_rope"])
     for name, cache in (("main", main), ("cfg_img", text_only)):

@@ -2,7 +2,7 @@
 
 from irg.model.attention import KVCache
 from irg.model.autoencoder import AutoEncoder
-from irg.model.bagel import Bagel, TrainingOutput
+from irg.model.bagel import Bagel, ContextBlock, TrainingOutput
 from irg.model.batch import PackedBatch
 from irg.model.checkpoint import CheckpointError, Pretrained, load_pretrained, save_pretrained
 from irg.model.config import AEConfig, BagelConfig, LLMConfig, ViTConfig, get_config
@@ -19,6 +19,7 @@ def build_model(config: str | BagelConfig = "tiny") -> Bagel:
 
 
 __all__ = [
-    "AEConfig", "AutoEncoder", "Bagel", "BagelConfig", "CheckpointError", "KVCache", "LLMConfig", "PackedBatch",
-    "Pretrained", "TrainingOutput", "ViTConfig", "build_model", "get_config", "load_pretrained", "save_pretrained",
+    "AEConfig", "AutoEncoder", "Bagel", "BagelConfig", "CheckpointError", "ContextBlock", "KVCache", "LLMConfig",
+    "PackedBatch", "Pretrained", "TrainingOutput", "ViTConfig", "build_model", "get_config", "load_pretrained",
+    "save_pretrained",
 ]

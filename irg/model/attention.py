@@ -25,16 +25,27 @@ class PackedAttention:
     ``masks[i]`` is ``CAUSAL``, ``FULL`` or an explicit mask over (queries, cache + queries):
     boolean (True = attend) or additive float (0 = attend, -inf = blocked). ``cache_new``: whether the
     new tokens join their sequences' caches (False for a query block that is only read, such as the
-    noised image of a denoising step).
+    noised image of a denoising step), for all sequences or one flag per sequence (a generation
+    engine packs think tokens, which are kept, with denoising steps, which are not).
     """
 
     query_lens: list[int]
     masks: list[str | torch.Tensor]
-    cache_new: bool = True
+    cache_new: bool | list[bool] = True
 
     def __post_init__(self):
         if len(self.query_lens) != len(self.masks):
             raise ValueError("one mask per packed sequence is required")
+        if isinstance(self.cache_new, list) and len(self.cache_new) != len(self.query_lens):
+            raise ValueError("one cache_new flag per packed sequence is required")
+
+    def keeps(self, i: int) -> bool:
+        """Whether sequence i's new tokens join its cache."""
+        return self.cache_new[i] if isinstance(self.cache_new, list) else self.cache_new
+
+    @property
+    def keeps_any(self) -> bool:
+        return any(self.cache_new) if isinstance(self.cache_new, list) else self.cache_new
 
 
 class _KVBuffer:
@@ -116,6 +127,12 @@ class LayerKV:
             return buffer.keys[:end], buffer.values[:end]
         return torch.cat([self.keys, keys]), torch.cat([self.values, values])
 
+    def release_to(self, prefix: LayerKV) -> None:
+        """Give back the rows this view claimed past ``prefix`` (a view of the same context's start),
+        when nothing claimed rows after them: the next extension of ``prefix`` then writes in place."""
+        if prefix._buffer is self._buffer and self._buffer.filled == self.length:
+            self._buffer.filled = prefix.length
+
 
 @dataclass
 class KVCache:
@@ -131,6 +148,12 @@ class KVCache:
     length: int = 0
     position: int = 0
 
+    def release_to(self, prefix: KVCache) -> None:
+        """This cache is dropped for ``prefix``, which it extends (a think's decoding context, whose text
+        is prefilled again): its rows past ``prefix`` become free for ``prefix``'s next extension."""
+        for mine, theirs in zip(self.layers, prefix.layers):
+            mine.release_to(theirs)
+
 
 def attend(
     q: torch.Tensor,
@@ -141,8 +164,9 @@ def attend(
 ) -> tuple[torch.Tensor, list[LayerKV] | None]:
     """Attention of packed queries q [T, H, D] over keys/values k, v [T, Hkv, D] (+ each past).
 
-    Returns the attention output [T, H, D] and, when ``spec.cache_new``, per sequence its keys/values
-    extended by the new tokens (None otherwise). ``past[i]`` None: sequence i has no cache yet.
+    Returns the attention output [T, H, D] and, when any sequence keeps its new tokens, per sequence
+    its keys/values extended by them (None for a sequence that does not keep them; None instead of the
+    list when none does). ``past[i]`` None: sequence i has no cache yet.
     """
     outputs, present = [], []
     start = 0
@@ -150,14 +174,15 @@ def attend(
         qi, ki, vi = q[start : start + length], k[start : start + length], v[start : start + length]
         start += length
         cached = past[i] if past is not None else None
+        keep = spec.keeps(i)
         if cached is None or cached.length == 0:
-            if spec.cache_new:
-                present.append(LayerKV(ki, vi))
-        elif spec.cache_new:
+            present.append(LayerKV(ki, vi) if keep else None)
+        elif keep:
             layer = cached.extended(ki, vi)
             present.append(layer)
             ki, vi = layer.keys, layer.values
         else:
+            present.append(None)
             ki, vi = cached.read_with(ki, vi)
         # SDPA's fused kernels (flash, memory-efficient) take 4-D [batch, heads, tokens, dim] inputs only;
         # 3-D inputs silently fall back to the unfused math kernel.
@@ -169,7 +194,7 @@ def attend(
             enable_gqa=qi.shape[1] != ki.shape[1],
         )
         outputs.append(out[0].transpose(0, 1))
-    return torch.cat(outputs), present if spec.cache_new else None
+    return torch.cat(outputs), present if spec.keeps_any else None
 
 
 def _sdpa_mask(mask, q_len: int, kv_len: int, device):

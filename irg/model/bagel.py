@@ -5,9 +5,10 @@ The autoencoder is not part of this module: the official checkpoint keeps it in 
 
 Two entry points:
 * :meth:`Bagel.forward` — packed training forward (CE on text, rectified-flow MSE on latents).
-* cache-based inference primitives — ``prefill_text``, ``prefill_vae_image``, ``prefill_vit_image``,
-  ``decode_step`` and ``predict_velocity`` — each over a list of independent contexts packed into
-  one forward pass.
+* cache-based inference: :meth:`Bagel.forward_blocks` runs blocks of new tokens (text, image,
+  noised latents), each against its own context, packed into one forward pass; ``prefill_text``,
+  ``prefill_vae_image``, ``prefill_vit_image``, ``decode_step`` and ``predict_velocity`` are that
+  forward over blocks of one kind.
 """
 
 from __future__ import annotations
@@ -40,13 +41,17 @@ class TrainingOutput:
 
 
 @dataclass
-class _Block:
-    """New tokens for one context: input embeddings, which go to the generation expert, positions."""
+class ContextBlock:
+    """New tokens for one context in a packed inference forward: input embeddings, which of them go to
+    the generation expert, their RoPE positions and mask, whether they join the context's cache
+    (``keep``) and how far they move its next position (``advance``)."""
 
     embeds: torch.Tensor
     gen_mask: torch.Tensor
     position_ids: torch.Tensor
     mask: str
+    keep: bool = True
+    advance: int = 0
 
 
 class Bagel(nn.Module):
@@ -164,30 +169,27 @@ class Bagel(nn.Module):
 
     # ---------------------------------------------------------------- cached inference
 
-    def _run(self, caches: list[KVCache], blocks: list[_Block], keep: bool, position_advance: list[int]):
-        """One forward of new token blocks, block i attending to cache i. Returns hidden states of
-        each block and, when ``keep``, the extended caches."""
+    def forward_blocks(self, caches: list[KVCache], blocks: list[ContextBlock]) -> tuple[list[torch.Tensor], list]:
+        """One forward of new token blocks, block i attending to cache i; blocks of any kind (text kept
+        in the cache, image blocks, noised latents that are only read) share it. Returns the hidden
+        states of each block and, per block, its context extended by it (None for a block not kept)."""
         embeds = torch.cat([b.embeds for b in blocks])
         position_ids = torch.cat([b.position_ids for b in blocks])
         routing = TokenRouting.from_gen_mask(torch.cat([b.gen_mask for b in blocks]))
-        spec = PackedAttention([b.embeds.shape[0] for b in blocks], [b.mask for b in blocks], cache_new=keep)
+        spec = PackedAttention([b.embeds.shape[0] for b in blocks], [b.mask for b in blocks],
+                               cache_new=[b.keep for b in blocks])
         num_layers = self.config.llm.num_hidden_layers
         past = None
         if any(c.layers for c in caches):
             past = [[c.layers[layer] if c.layers else None for c in caches] for layer in range(num_layers)]
         hidden, presents = self.language_model.model(embeds, position_ids, routing, spec, past)
-        hidden_per_block = hidden.split(spec.query_lens)
-        if not keep:
-            return hidden_per_block, caches
         new_caches = [
-            KVCache(
-                layers=[presents[layer][i] for layer in range(num_layers)],
-                length=cache.length + block.embeds.shape[0],
-                position=cache.position + advance,
-            )
-            for i, (cache, block, advance) in enumerate(zip(caches, blocks, position_advance))
+            KVCache(layers=[presents[layer][i] for layer in range(num_layers)],
+                    length=cache.length + block.embeds.shape[0], position=cache.position + block.advance)
+            if block.keep else None
+            for i, (cache, block) in enumerate(zip(caches, blocks))
         ]
-        return hidden_per_block, new_caches
+        return list(hidden.split(spec.query_lens)), new_caches
 
     def _positions(self, cache: KVCache, length: int, same: bool) -> torch.Tensor:
         device = self.vae2llm.weight.device
@@ -195,14 +197,17 @@ class Bagel(nn.Module):
             return torch.full((length,), cache.position, dtype=torch.long, device=device)
         return torch.arange(cache.position, cache.position + length, device=device)
 
-    def _text_block(self, cache: KVCache, ids: torch.Tensor) -> _Block:
+    def text_block(self, cache: KVCache, ids: torch.Tensor) -> ContextBlock:
+        """Text tokens appended to ``cache`` (causal, kept)."""
         ids = ids.to(self.vae2llm.weight.device)
         n = ids.shape[0]
-        return _Block(self.embed_text(ids), torch.zeros(n, dtype=torch.bool, device=ids.device),
-                      self._positions(cache, n, same=False), CAUSAL)
+        return ContextBlock(self.embed_text(ids), torch.zeros(n, dtype=torch.bool, device=ids.device),
+                            self._positions(cache, n, same=False), CAUSAL, keep=True, advance=n)
 
-    def _image_block(self, cache: KVCache, token_embeds: torch.Tensor, generation_expert: bool) -> _Block:
-        """``<|vision_start|>`` + image tokens + ``<|vision_end|>``, all at the context's current position."""
+    def image_block(self, cache: KVCache, token_embeds: torch.Tensor, generation_expert: bool,
+                    keep: bool = True) -> ContextBlock:
+        """``<|vision_start|>`` + image tokens + ``<|vision_end|>``, all at the context's current position;
+        ``keep`` False for a block that is only read (a noised image), which then does not move it."""
         device = token_embeds.device
         marker_ids = [self.config.image_start_token_id, self.config.image_end_token_id]
         markers = self.embed_text(torch.tensor(marker_ids, device=device))
@@ -210,41 +215,63 @@ class Bagel(nn.Module):
         n = token_embeds.shape[0]
         gen_mask = torch.zeros(n + 2, dtype=torch.bool, device=device)
         gen_mask[1 : n + 1] = generation_expert
-        return _Block(embeds, gen_mask, self._positions(cache, n + 2, same=True), FULL)
+        return ContextBlock(embeds, gen_mask, self._positions(cache, n + 2, same=True), FULL, keep=keep,
+                            advance=1 if keep else 0)
+
+    def vae_image_block(self, cache: KVCache, latent_tokens: torch.Tensor, position_ids: torch.Tensor) -> ContextBlock:
+        """Clean latent tokens (t = 0) of an image as a conditioning block (kept)."""
+        t = torch.zeros(latent_tokens.shape[0], device=latent_tokens.device)
+        return self.image_block(cache, self.embed_latents(latent_tokens, t, position_ids), generation_expert=True)
+
+    def noised_latent_block(self, cache: KVCache, x_t: torch.Tensor, t: float | torch.Tensor,
+                            position_ids: torch.Tensor) -> ContextBlock:
+        """Latent tokens x_t [N, 64] at flow time t, read against ``cache`` and not kept (a denoising step)."""
+        n = x_t.shape[0]
+        times = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(n)
+        return self.image_block(cache, self.embed_latents(x_t, times, position_ids), generation_expert=True,
+                                keep=False)
+
+    def vit_embeds(self, patches: list[torch.Tensor], position_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The ViT tokens (LLM inputs) of several images, encoded in one pass."""
+        seqlens = [p.shape[0] for p in patches]
+        return list(self.embed_vit(torch.cat(patches), torch.cat(position_ids), seqlens).split(seqlens))
+
+    def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] (float32) of the next token after each of B hidden states [B, hidden]."""
+        return self.language_model.lm_head(hidden).float()
+
+    def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Flow velocity [N, 64] (float32) of a noised latent block from its hidden states (markers included)."""
+        return self.llm2vae(hidden[1:-1]).float()
 
     @torch.no_grad()
     def prefill_text(self, caches: list[KVCache], ids: list[torch.Tensor]) -> list[KVCache]:
         """Append a text span (ids already wrapped in ``<|im_start|>``/``<|im_end|>``) to each context."""
-        blocks = [self._text_block(c, i) for c, i in zip(caches, ids)]
-        return self._run(caches, blocks, keep=True, position_advance=[len(i) for i in ids])[1]
+        return self.forward_blocks(caches, [self.text_block(c, i) for c, i in zip(caches, ids)])[1]
 
     @torch.no_grad()
     def decode_step(self, caches: list[KVCache], token_ids: torch.Tensor) -> tuple[torch.Tensor, list[KVCache]]:
         """Feed one token per context; return next-token logits [B, vocab] and the extended caches."""
-        blocks = [self._text_block(c, token_ids[i : i + 1]) for i, c in enumerate(caches)]
-        hidden, caches = self._run(caches, blocks, keep=True, position_advance=[1] * len(caches))
-        return self.language_model.lm_head(torch.cat(hidden)).float(), caches
+        blocks = [self.text_block(c, token_ids[i : i + 1]) for i, c in enumerate(caches)]
+        hidden, caches = self.forward_blocks(caches, blocks)
+        return self.next_token_logits(torch.cat(hidden)), caches
 
     @torch.no_grad()
     def prefill_vae_image(
         self, caches: list[KVCache], latent_tokens: list[torch.Tensor], position_ids: list[torch.Tensor]
     ) -> list[KVCache]:
         """Cache clean latent tokens (t = 0) of an image as a conditioning block."""
-        blocks = []
-        for cache, tokens, pos in zip(caches, latent_tokens, position_ids):
-            t = torch.zeros(tokens.shape[0], device=tokens.device)
-            blocks.append(self._image_block(cache, self.embed_latents(tokens, t, pos), generation_expert=True))
-        return self._run(caches, blocks, keep=True, position_advance=[1] * len(caches))[1]
+        blocks = [self.vae_image_block(c, tokens, pos) for c, tokens, pos in zip(caches, latent_tokens, position_ids)]
+        return self.forward_blocks(caches, blocks)[1]
 
     @torch.no_grad()
     def prefill_vit_image(
         self, caches: list[KVCache], patches: list[torch.Tensor], position_ids: list[torch.Tensor]
     ) -> list[KVCache]:
         """Cache the understanding (ViT) tokens of an image."""
-        seqlens = [p.shape[0] for p in patches]
-        vit = self.embed_vit(torch.cat(patches), torch.cat(position_ids), seqlens).split(seqlens)
-        blocks = [self._image_block(c, v, generation_expert=False) for c, v in zip(caches, vit)]
-        return self._run(caches, blocks, keep=True, position_advance=[1] * len(caches))[1]
+        vit = self.vit_embeds(patches, position_ids)
+        blocks = [self.image_block(c, v, generation_expert=False) for c, v in zip(caches, vit)]
+        return self.forward_blocks(caches, blocks)[1]
 
     @torch.no_grad()
     def predict_velocity(
@@ -252,10 +279,6 @@ class Bagel(nn.Module):
     ) -> torch.Tensor:
         """Flow velocity of latent tokens x_t [B, N, 64] at times t [B], sample i conditioned on
         context i; the query block is not cached. Returns [B, N, 64]."""
-        n = x_t.shape[1]
-        blocks = []
-        for i, cache in enumerate(caches):
-            embeds = self.embed_latents(x_t[i], t[i].expand(n), position_ids)
-            blocks.append(self._image_block(cache, embeds, generation_expert=True))
-        hidden, _ = self._run(caches, blocks, keep=False, position_advance=[0] * len(caches))
-        return torch.stack([self.llm2vae(h[1 : n + 1]) for h in hidden]).float()
+        blocks = [self.noised_latent_block(c, x_t[i], t[i], position_ids) for i, c in enumerate(caches)]
+        hidden, _ = self.forward_blocks(caches, blocks)
+        return torch.stack([self.velocity(h) for h in hidden])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,29 +56,8 @@ class StepResult:
     v: torch.Tensor
 
 
-VelocityFn = Callable[[torch.Tensor, float, bool, bool], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
-
-
-def sample_flow(
-    velocity: VelocityFn,
-    x: torch.Tensor,
-    num_steps: int,
-    settings: RoundSettings,
-    on_step: Callable[[StepResult], None] | None = None,
-) -> torch.Tensor:
-    """Euler integration from noise x [B, N, C] at t = 1 down to t = 0.
-
-    ``velocity(x_t, t, need_text_uncond, need_img_uncond)`` returns (v_cond, v_text, v_img), computing
-    only the branches asked for, so steps outside the CFG interval cost one branch.
-    """
-    times = flow_timesteps(num_steps, settings.timestep_shift)
-    use_img_cfg = settings.cfg_img_scale > 1.0
-    for i in range(num_steps - 1):
-        t = float(times[i])
-        guided = cfg_active(t, settings)
-        v_cond, v_text, v_img = velocity(x, t, guided, guided and use_img_cfg)
-        v = combine_cfg(v_cond, v_text, v_img, settings) if guided else v_cond
-        if on_step is not None:
-            on_step(StepResult(i, num_steps - 1, t, x, v_cond, v_text, v_img, v))
-        x = x - v * (times[i] - times[i + 1])
-    return x
+def guided_branches(t: float, settings: RoundSettings) -> tuple[bool, bool]:
+    """Which unconditional branches a step at time t needs: (text, image); steps outside the CFG
+    interval cost one branch."""
+    guided = cfg_active(t, settings)
+    return guided, guided and settings.cfg_img_scale > 1.0

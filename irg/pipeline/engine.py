@@ -1,0 +1,464 @@
+"""The generation engine: many IRG trajectories advanced one iteration at a time, packed into one forward.
+
+A trajectory is one prompt's way through think, draw, reflect, draw again; it is always in one phase:
+
+    PROMPT -> THINK (a token per iteration) -> APPEND_THINK -> DENOISE (a step per iteration)
+           -> FEED_VAE -> FEED_VIT -> THINK (the reflection) -> ... -> DONE
+
+In each iteration every live trajectory contributes the blocks of its phase (a think token, a
+denoising step with its CFG branches, a prompt or think to prefill, an image to feed back) and all of
+them run as one packed model forward (:meth:`irg.model.Bagel.forward_blocks`), whatever the
+trajectories' sizes, steps, rounds and CFG settings. Requests join at the next iteration and a
+cancelled one leaves at the next, so a server runs one engine in one loop (continuous batching), and
+:class:`~irg.pipeline.IRGPipeline` runs each call as such a loop.
+
+Per prompt the engine keeps three contexts as KV caches (extending a cache never changes it, so
+contexts share prefixes for free):
+* ``main``: system prompt, user prompt, each think, each image (clean VAE latents, then ViT tokens);
+* ``text_cfg``: the text-unconditional context of the next image: the system prompt alone for round 1,
+  then ``main`` as it was before the latest reflection;
+* ``text_only``: every text span and no image, the image-unconditional context of rounds 2+.
+Each prompt draws its noise and think tokens from its own generator, so its result does not depend on
+what it shares iterations with.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from irg.model import KVCache
+from irg.model.latents import grid_position_ids, patchify_latent
+from irg.pipeline.events import PipelineEvent
+from irg.pipeline.flow import StepResult, combine_cfg, flow_timesteps, guided_branches
+from irg.pipeline.request import GenerationRequest
+from irg.pipeline.text import next_tokens
+from irg.transforms import ImageTransform, patchify_image
+
+if TYPE_CHECKING:
+    from irg.pipeline.irg_pipeline import IRGPipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IRGOutput:
+    """The result for one prompt: one think text, image and final packed latent per round."""
+
+    prompt: str
+    texts: list[str] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    latents: list[torch.Tensor | None] = field(default_factory=list)  # None for a round whose image was given
+    seed: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Phase(enum.Enum):
+    PROMPT = "prompt"  # the user prompt is prefilled after the (shared) system prompt
+    THINK = "think"  # one think token per iteration
+    APPEND_THINK = "append_think"  # the whole think is prefilled into main (and text_only)
+    DENOISE = "denoise"  # one denoising step per iteration
+    FEED_VAE = "feed_vae"  # the round's image goes back as clean VAE latents
+    FEED_VIT = "feed_vit"  # then as ViT tokens
+    DONE = "done"
+
+
+class GenerationCancelled(Exception):
+    """The generation was cancelled before it finished (:meth:`Generation.cancel`)."""
+
+
+class Generation:
+    """A submitted request: its outputs when it is done, or the error it failed with.
+
+    ``cancel()`` may be called from any thread; the engine drops the request at its next iteration.
+    """
+
+    def __init__(self, request: GenerationRequest, callback: Callable[[PipelineEvent], None] | None):
+        self.request = request
+        self.callback = callback
+        self.outputs = [IRGOutput(prompt=p, seed=s) for p, s in zip(request.prompts, request.seeds)]
+        self.error: BaseException | None = None
+        self.submitted = time.perf_counter()
+        self.iterations = 0  # iterations this request took part in
+        self._cancelled = threading.Event()
+        self._done = threading.Event()
+        self._remaining = request.batch_size
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self) -> list[IRGOutput]:
+        """The outputs, one per prompt; raises the error the request failed with."""
+        if not self.done:
+            raise RuntimeError("the generation has not finished")
+        if self.error is not None:
+            raise self.error
+        return self.outputs
+
+    def emit(self, event: PipelineEvent) -> None:
+        if self.callback is not None:
+            self.callback(event)
+
+
+@dataclass(eq=False)
+class _Trajectory:
+    """One prompt of a request on its way through the phases."""
+
+    generation: Generation
+    index: int  # the prompt's position in its request
+    generator: torch.Generator
+    phase: Phase = Phase.PROMPT
+    round: int = 0
+    main: KVCache | None = None
+    text_cfg: KVCache | None = None
+    text_only: KVCache | None = None
+    decoding: KVCache | None = None  # main + the think tokens sampled so far (dropped when the think ends)
+    think_ids: list[int] = field(default_factory=list)
+    think_text: str = ""
+    next_token: int = 0
+    x: torch.Tensor | None = None  # the latents being denoised [N, 64]
+    step: int = 0
+    times: torch.Tensor | None = None
+    grid: tuple[int, int] = (0, 0)
+    position_ids: torch.Tensor | None = None
+    feed_pixels: torch.Tensor | None = None  # the round's image, to be fed back
+    feed_noise: torch.Tensor | None = None
+    round_start: float = 0.0
+    think_end: float = 0.0
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.generation.request
+
+    @property
+    def output(self) -> IRGOutput:
+        return self.generation.outputs[self.index]
+
+
+class GenerationEngine:
+    """Runs submitted requests (:meth:`submit`) one iteration at a time (:meth:`step`).
+
+    ``max_prompts``: how many prompts may be generating at once (each holds its KV caches); requests
+    beyond it wait, in order of arrival, and a request with more prompts is refused. None: no bound.
+    :meth:`submit` and :meth:`Generation.cancel` may be called from any thread, :meth:`step` from
+    one thread at a time.
+    """
+
+    def __init__(self, pipe: IRGPipeline, max_prompts: int | None = None):
+        if max_prompts is not None and max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
+        self.pipe = pipe
+        self.model = pipe.model
+        self.config = pipe.config
+        self.max_prompts = max_prompts
+        self._pending: deque[Generation] = deque()
+        self._pending_lock = threading.Lock()
+        self._live: list[_Trajectory] = []
+        self.iterations = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, request: GenerationRequest, callback: Callable[[PipelineEvent], None] | None = None
+               ) -> Generation:
+        """Queue a validated request; it joins at the next iteration that has room for all its prompts."""
+        if self.max_prompts is not None and request.batch_size > self.max_prompts:
+            raise ValueError(f"n: {request.batch_size} prompts do not fit the engine's {self.max_prompts}")
+        generation = Generation(request, callback)
+        with self._pending_lock:
+            self._pending.append(generation)
+        return generation
+
+    @property
+    def active_prompts(self) -> int:
+        """Prompts generating now (holding caches)."""
+        return len(self._live)
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet generating."""
+        with self._pending_lock:
+            return len(self._pending)
+
+    @property
+    def idle(self) -> bool:
+        return not self._live and not self.waiting
+
+    def run(self, generation: Generation) -> list[IRGOutput]:
+        """Iterate until ``generation`` is done (whatever else runs too); its outputs."""
+        while not generation.done:
+            self.step()
+        return generation.result()
+
+    # ------------------------------------------------------------------ one iteration
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One iteration: drop cancelled requests, admit waiting ones, advance every live trajectory by
+        one phase step in one packed forward. Returns whether any work was done."""
+        self._drop_cancelled()
+        self._admit()
+        if not self._live:
+            return False
+        self.iterations += 1
+        for generation in {t.generation for t in self._live}:
+            generation.iterations += 1
+        self._advance(list(self._live))
+        return True
+
+    def _drop_cancelled(self) -> None:
+        for generation in {t.generation for t in self._live if t.generation.cancelled}:
+            self._finish(generation, GenerationCancelled("cancelled"))
+        with self._pending_lock:
+            cancelled = [g for g in self._pending if g.cancelled]
+            for generation in cancelled:
+                self._pending.remove(generation)
+        for generation in cancelled:
+            self._finish(generation, GenerationCancelled("cancelled"))
+
+    def _admit(self) -> None:
+        """Waiting requests join, in order, while their prompts fit."""
+        while True:
+            with self._pending_lock:
+                if not self._pending:
+                    return
+                generation = self._pending[0]
+                if self.max_prompts is not None and \
+                        len(self._live) + generation.request.batch_size > self.max_prompts:
+                    return
+                self._pending.popleft()
+            try:
+                system = self.pipe.system_cache(generation.request.system_prompt)
+            except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
+                self._finish(generation, error)
+                continue
+            request = generation.request
+            for i, seed in enumerate(request.seeds):
+                self._live.append(_Trajectory(generation, i, torch.Generator().manual_seed(seed), main=system,
+                                              text_cfg=system, round_start=time.perf_counter()))
+
+    def _advance(self, trajectories: list[_Trajectory]) -> None:
+        """One packed forward for ``trajectories``' blocks, then each trajectory takes its result. If the
+        forward fails, each request's trajectories run again alone, so only a request whose own blocks
+        fail gets the error; a trajectory whose own step fails fails its request."""
+        try:
+            plans = [self._plan(t) for t in trajectories]
+            caches = [c for plan in plans for c, _ in plan]
+            blocks = [b for plan in plans for _, b in plan]
+            hidden, extended = self.model.forward_blocks(caches, blocks)
+        except Exception as error:  # noqa: BLE001
+            requests = list(dict.fromkeys(t.generation for t in trajectories))
+            if len(requests) == 1:
+                log.warning("an iteration of one request failed: %s: %s", type(error).__name__, error)
+                self._finish(requests[0], error)
+                return
+            log.warning("an iteration of %d requests failed (%s: %s); each runs it again alone", len(requests),
+                        type(error).__name__, error)
+            for generation in requests:
+                self._advance([t for t in trajectories if t.generation is generation])
+            return
+        logits = self._think_logits(trajectories, plans, hidden)
+        start = 0
+        for trajectory, plan in zip(trajectories, plans):
+            own = slice(start, start + len(plan))
+            start += len(plan)
+            if trajectory.generation.done:  # its request failed earlier in this loop
+                continue
+            try:
+                self._commit(trajectory, hidden[own], extended[own], logits.get(id(trajectory)))
+            except Exception as error:  # noqa: BLE001 - a failing callback or decode fails its own request
+                self._finish(trajectory.generation, error)
+
+    def _think_logits(self, trajectories, plans, hidden) -> dict[int, torch.Tensor]:
+        """Next-token logits of every thinking trajectory, through the LM head in one call."""
+        rows, owners, start = [], [], 0
+        for trajectory, plan in zip(trajectories, plans):
+            if trajectory.phase is Phase.THINK:
+                rows.append(hidden[start][-1:])
+                owners.append(id(trajectory))
+            start += len(plan)
+        if not rows:
+            return {}
+        return dict(zip(owners, self.model.next_token_logits(torch.cat(rows))))
+
+    # ------------------------------------------------------------------ what each phase runs
+
+    def _plan(self, t: _Trajectory) -> list[tuple[KVCache, object]]:
+        """(context, block) pairs that advance ``t`` by one step of its phase."""
+        model, pipe = self.model, self.pipe
+        if t.phase is Phase.PROMPT:
+            return [(t.main, model.text_block(t.main, pipe.wrap(t.request.prompts[t.index])))]
+        if t.phase is Phase.THINK:
+            ids = torch.tensor([t.next_token], device=pipe.device)
+            return [(t.decoding, model.text_block(t.decoding, ids))]
+        if t.phase is Phase.APPEND_THINK:
+            ids = pipe.wrap(t.think_text)
+            contexts = [t.main] if t.round == 0 else [t.main, t.text_only]
+            return [(c, model.text_block(c, ids)) for c in contexts]
+        if t.phase is Phase.DENOISE:
+            time_now = float(t.times[t.step])
+            need_text, need_img = guided_branches(time_now, t.request.round_settings[t.round])
+            contexts = [t.main] + [t.text_cfg] * need_text + [t.text_only] * need_img
+            return [(c, model.noised_latent_block(c, t.x, time_now, t.position_ids)) for c in contexts]
+        if t.phase is Phase.FEED_VAE:
+            latent = pipe.autoencoder.encode(t.feed_pixels[None], noise=t.feed_noise[None].to(pipe.dtype))[0]
+            patch = self.config.latent_patch_size
+            grid = (latent.shape[1] // patch, latent.shape[2] // patch)
+            positions = grid_position_ids(*grid, self.config.max_latent_size, device=pipe.device)
+            return [(t.main, model.vae_image_block(t.main, patchify_latent(latent, patch), positions))]
+        if t.phase is Phase.FEED_VIT:
+            image = t.output.images[t.round]
+            patches, positions = patchify_image(ImageTransform(*t.request.vit_transform)(image),
+                                                self.config.vit.patch_size, self.config.vit_max_num_patch_per_side)
+            (embeds,) = model.vit_embeds([patches.to(pipe.device, pipe.dtype)], [positions.to(pipe.device)])
+            return [(t.main, model.image_block(t.main, embeds, generation_expert=False))]
+        raise AssertionError(f"a trajectory in phase {t.phase} has nothing to run")
+
+    def _commit(self, t: _Trajectory, hidden: list[torch.Tensor], extended: list[KVCache | None],
+                logits: torch.Tensor | None) -> None:
+        """Take this iteration's result and move ``t`` on."""
+        if t.phase is Phase.PROMPT:
+            t.main = extended[0]
+            self._start_round(t)
+        elif t.phase is Phase.THINK:
+            self._take_token(t, logits, extended[0])
+        elif t.phase is Phase.APPEND_THINK:
+            t.main = extended[0]
+            t.text_only = extended[0] if t.round == 0 else extended[1]
+            self._start_image(t)
+        elif t.phase is Phase.DENOISE:
+            self._take_step(t, hidden)
+        elif t.phase is Phase.FEED_VAE:
+            t.main, t.phase = extended[0], Phase.FEED_VIT
+            t.feed_pixels = t.feed_noise = None
+        elif t.phase is Phase.FEED_VIT:
+            t.main = extended[0]
+            t.text_cfg = t.main  # the next image's text-unconditional context: everything but the reflection
+            t.round += 1
+            t.round_start = time.perf_counter()
+            self._start_round(t)
+
+    def _start_round(self, t: _Trajectory) -> None:
+        given = t.request.think_texts[t.index][t.round]
+        if given is None:
+            t.phase, t.decoding, t.think_ids, t.next_token = Phase.THINK, t.main, [], self.pipe.im_start
+        else:
+            self._end_think(t, given)
+
+    def _take_token(self, t: _Trajectory, logits: torch.Tensor, decoding: KVCache) -> None:
+        (token,) = next_tokens(logits[None], t.request.think_temperature, [t.generator])
+        if token == self.pipe.im_end:
+            self._end_think(t, self.pipe.tokenizer.decode(t.think_ids))
+            return
+        t.decoding, t.next_token = decoding, token
+        t.think_ids.append(token)
+        t.generation.emit(PipelineEvent("think_token", t.round, t.index, text=self.pipe.tokenizer.decode(t.think_ids)))
+        if len(t.think_ids) >= t.request.max_think_tokens:
+            self._end_think(t, self.pipe.tokenizer.decode(t.think_ids))
+
+    def _end_think(self, t: _Trajectory, text: str) -> None:
+        if t.decoding is not None:
+            t.decoding.release_to(t.main)  # the think is prefilled again from its text, in place
+        t.decoding, t.think_ids, t.think_text = None, [], text
+        t.think_end = time.perf_counter()
+        t.output.texts.append(text)
+        t.output.timings[f"round{t.round + 1}_think_s"] = t.think_end - t.round_start
+        t.phase = Phase.APPEND_THINK
+        t.generation.emit(PipelineEvent("think_done", t.round, t.index, text=text))
+
+    def _start_image(self, t: _Trajectory) -> None:
+        request = t.request
+        given = request.images[t.index][t.round]
+        if given is not None:
+            self._end_image(t, given, None)
+            return
+        unit = self.config.pixels_per_latent_token
+        t.grid = (request.height // unit, request.width // unit)
+        shape = (t.grid[0] * t.grid[1], self.config.latent_channels)
+        t.x = self.pipe.noise(request.init_noise[t.round], t.index, shape, t.generator).float()
+        t.times = flow_timesteps(request.num_steps, request.round_settings[t.round].timestep_shift)
+        t.position_ids = grid_position_ids(*t.grid, self.config.max_latent_size, device=self.pipe.device)
+        t.step, t.phase = 0, Phase.DENOISE
+
+    def _take_step(self, t: _Trajectory, hidden: list[torch.Tensor]) -> None:
+        settings = t.request.round_settings[t.round]
+        time_now = float(t.times[t.step])
+        need_text, need_img = guided_branches(time_now, settings)
+        velocities = iter(self.model.velocity(h)[None] for h in hidden)
+        v_cond = next(velocities)
+        v_text = next(velocities) if need_text else None
+        v_img = next(velocities) if need_img else None
+        v = combine_cfg(v_cond, v_text, v_img, settings) if need_text else v_cond
+        evaluations = t.request.num_steps - 1
+        detail = StepResult(t.step, evaluations, time_now, t.x[None], v_cond, v_text, v_img, v)
+        t.x = t.x - v[0] * (t.times[t.step] - t.times[t.step + 1])
+        t.step += 1
+        t.generation.emit(PipelineEvent("step", t.round, t.index, step=t.step, num_steps=evaluations, detail=detail))
+        if t.step == evaluations:
+            latent = t.x
+            self._end_image(t, self.pipe.decode_latents(latent[None], t.grid)[0], latent.cpu())
+
+    def _end_image(self, t: _Trajectory, image: Image.Image, latent: torch.Tensor | None) -> None:
+        t.x = t.times = t.position_ids = None
+        output, request = t.output, t.request
+        output.images.append(image)
+        output.latents.append(latent)
+        output.timings[f"round{t.round + 1}_image_s"] = time.perf_counter() - t.think_end
+        t.generation.emit(PipelineEvent("image", t.round, t.index, image=image))
+        if t.round + 1 == request.rounds:
+            self._retire(t)
+            return
+        pixels = ImageTransform(*request.vae_transform)(image).to(self.pipe.device, self.pipe.dtype)
+        ae = self.config.ae
+        shape = (ae.z_channels, pixels.shape[1] // ae.downsample, pixels.shape[2] // ae.downsample)
+        given = request.vae_encode_noise[t.round]
+        if given is not None and given.shape[0] == 1:
+            given = given[0]
+        t.feed_pixels, t.feed_noise = pixels, self.pipe.noise(given, t.index, shape, t.generator)
+        t.phase = Phase.FEED_VAE
+
+    # ------------------------------------------------------------------ endings
+
+    def _retire(self, t: _Trajectory) -> None:
+        """A trajectory that drew its last image leaves; its request ends with its last one."""
+        t.phase = Phase.DONE
+        self._live.remove(t)
+        generation = t.generation
+        generation._remaining -= 1
+        if generation._remaining == 0:
+            total = time.perf_counter() - generation.submitted
+            for output in generation.outputs:
+                output.timings["total_s"] = total
+            try:
+                generation.emit(PipelineEvent("done", generation.request.rounds - 1))
+            except Exception as error:  # noqa: BLE001
+                generation.error = error
+            generation._done.set()
+
+    def _finish(self, generation: Generation, error: BaseException) -> None:
+        """``generation`` ends with ``error``: its trajectories leave and their caches are freed."""
+        if generation.done:
+            return
+        self._live = [t for t in self._live if t.generation is not generation]
+        generation.error = error
+        generation._done.set()
+
