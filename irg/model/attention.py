@@ -155,6 +155,62 @@ class KVCache:
             mine.release_to(theirs)
 
 
+class KVSlots:
+    """Preallocated keys and values for ``num_slots`` contexts of up to ``slot_tokens`` tokens each, one
+    [num_slots, slot_tokens, kv_heads, head_dim] buffer per layer: what a generation engine serves from,
+    so a context grows in place token by token without allocating. A slot is claimed for a context
+    (:meth:`claim`, :meth:`context`) and released when its request ends; contexts that grow from one
+    (its CFG prefixes) are lengths over the same slot. A context that outgrows its slot moves to
+    memory of its own (:class:`LayerKV`), so a long think costs a copy, never a failure."""
+
+    def __init__(self, num_slots: int, slot_tokens: int, num_layers: int, kv_heads: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if num_slots < 1 or slot_tokens < 1:
+            raise ValueError(f"KV slots need num_slots >= 1 and slot_tokens >= 1, got {num_slots}, {slot_tokens}")
+        shape = (num_slots, slot_tokens, kv_heads, head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.slot_tokens = slot_tokens
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def num_slots(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def claim(self, count: int = 1) -> list[int]:
+        """``count`` free slots; a ValueError if there are fewer."""
+        if count > len(self._free):
+            raise ValueError(f"{count} KV slots asked for, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            if slot in self._free or not 0 <= slot < self.num_slots:
+                raise ValueError(f"KV slot {slot} is not claimed")
+            self._free.append(slot)
+
+    def context(self, slot: int, prefix: KVCache) -> KVCache:
+        """A context in ``slot`` holding a copy of ``prefix`` (which must fit), ready to grow in place."""
+        if prefix.length > self.slot_tokens:
+            raise ValueError(f"a context of {prefix.length} tokens does not fit a KV slot of {self.slot_tokens}")
+        layers = []
+        for keys, values, layer in zip(self.keys, self.values, prefix.layers or [None] * len(self.keys)):
+            own_keys, own_values = keys[slot], values[slot]
+            if layer is not None:
+                own_keys[: layer.length] = layer.keys
+                own_values[: layer.length] = layer.values
+            layers.append(LayerKV._view(_KVBuffer(own_keys, own_values, prefix.length), prefix.length))
+        return KVCache(layers, prefix.length, prefix.position)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -175,7 +231,7 @@ def attend(
         start += length
         cached = past[i] if past is not None else None
         keep = spec.keeps(i)
-        if cached is None or cached.length == 0:
+        if cached is None or (cached.length == 0 and not keep):
             present.append(LayerKV(ki, vi) if keep else None)
         elif keep:
             layer = cached.extended(ki, vi)

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from irg.model import KVCache
+from irg.model.attention import KVSlots
 from irg.model.latents import grid_position_ids, patchify_latent
 from irg.pipeline.events import PipelineEvent
 from irg.pipeline.flow import StepResult, combine_cfg, flow_timesteps, guided_branches
@@ -92,6 +93,8 @@ class Generation:
         self._cancelled = threading.Event()
         self._done = threading.Event()
         self._remaining = request.batch_size
+        self._on_done: list[Callable[[Generation], None]] = []
+        self._on_done_lock = threading.Lock()
 
     @property
     def done(self) -> bool:
@@ -106,6 +109,26 @@ class Generation:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
+
+    def add_done_callback(self, fn: Callable[[Generation], None]) -> None:
+        """``fn(self)`` once the generation is done (at once if it is), in the engine's thread: how an
+        asyncio server learns of it (``loop.call_soon_threadsafe``)."""
+        with self._on_done_lock:
+            if not self.done:
+                self._on_done.append(fn)
+                return
+        fn(self)
+
+    def _complete(self, error: BaseException | None = None) -> None:
+        with self._on_done_lock:
+            self.error = error
+            self._done.set()
+            callbacks, self._on_done = self._on_done, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # noqa: BLE001 - a listener's failure is not the generation's
+                log.exception("a generation's done callback failed")
 
     def result(self) -> list[IRGOutput]:
         """The outputs, one per prompt; raises the error the request failed with."""
@@ -141,6 +164,7 @@ class _Trajectory:
     times: torch.Tensor | None = None
     grid: tuple[int, int] = (0, 0)
     position_ids: torch.Tensor | None = None
+    slots: list[int] = field(default_factory=list)  # KV slots held: main's, then text_only's from round 2
     feed_pixels: torch.Tensor | None = None  # the round's image, to be fed back
     feed_noise: torch.Tensor | None = None
     round_start: float = 0.0
@@ -158,19 +182,19 @@ class _Trajectory:
 class GenerationEngine:
     """Runs submitted requests (:meth:`submit`) one iteration at a time (:meth:`step`).
 
-    ``max_prompts``: how many prompts may be generating at once (each holds its KV caches); requests
-    beyond it wait, in order of arrival, and a request with more prompts is refused. None: no bound.
-    :meth:`submit` and :meth:`Generation.cancel` may be called from any thread, :meth:`step` from
-    one thread at a time.
+    ``slots``: preallocated KV memory (:class:`~irg.model.attention.KVSlots`, see :func:`kv_slots`): each
+    prompt holds one slot (two from its second round: the image-free context forks there) while it
+    generates, requests wait in order of arrival until their prompts' slots are free, and a request
+    that could never fit is refused. None: every context in memory of its own, no bound.
+    :meth:`submit` and :meth:`Generation.cancel` may be called from any thread, :meth:`step` from one
+    thread at a time.
     """
 
-    def __init__(self, pipe: IRGPipeline, max_prompts: int | None = None):
-        if max_prompts is not None and max_prompts < 1:
-            raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
+    def __init__(self, pipe: IRGPipeline, slots: KVSlots | None = None):
         self.pipe = pipe
         self.model = pipe.model
         self.config = pipe.config
-        self.max_prompts = max_prompts
+        self.slots = slots
         self._pending: deque[Generation] = deque()
         self._pending_lock = threading.Lock()
         self._live: list[_Trajectory] = []
@@ -180,9 +204,17 @@ class GenerationEngine:
 
     def submit(self, request: GenerationRequest, callback: Callable[[PipelineEvent], None] | None = None
                ) -> Generation:
-        """Queue a validated request; it joins at the next iteration that has room for all its prompts."""
-        if self.max_prompts is not None and request.batch_size > self.max_prompts:
-            raise ValueError(f"n: {request.batch_size} prompts do not fit the engine's {self.max_prompts}")
+        """Queue a validated request; it joins at the next iteration that has room for all its prompts.
+        A ValueError if it could never fit the engine's KV slots."""
+        if self.slots is not None:
+            needed = request.batch_size * slots_per_prompt(request)
+            if needed > self.slots.num_slots:
+                raise ValueError(f"n: {request.batch_size} prompts of {request.rounds} rounds need {needed} KV "
+                                 f"slots; the engine has {self.slots.num_slots}")
+            longest = max(context_tokens(self.pipe, request, p) for p in request.prompts)
+            if longest > self.slots.slot_tokens:
+                raise ValueError(f"the request's contexts reach {longest} tokens; the engine's KV slots hold "
+                                 f"{self.slots.slot_tokens} (a smaller size, fewer rounds or think tokens fit)")
         generation = Generation(request, callback)
         with self._pending_lock:
             self._pending.append(generation)
@@ -242,19 +274,24 @@ class GenerationEngine:
                 if not self._pending:
                     return
                 generation = self._pending[0]
-                if self.max_prompts is not None and \
-                        len(self._live) + generation.request.batch_size > self.max_prompts:
+                request = generation.request
+                per_prompt = slots_per_prompt(request)
+                if self.slots is not None and self.slots.free < request.batch_size * per_prompt:
                     return
                 self._pending.popleft()
             try:
-                system = self.pipe.system_cache(generation.request.system_prompt)
+                system = self.pipe.system_cache(request.system_prompt)
             except Exception as error:  # noqa: BLE001 - the request fails, the engine goes on
                 self._finish(generation, error)
                 continue
-            request = generation.request
             for i, seed in enumerate(request.seeds):
-                self._live.append(_Trajectory(generation, i, torch.Generator().manual_seed(seed), main=system,
-                                              text_cfg=system, round_start=time.perf_counter()))
+                trajectory = _Trajectory(generation, i, torch.Generator().manual_seed(seed), main=system,
+                                         round_start=time.perf_counter())
+                if self.slots is not None:
+                    trajectory.slots = self.slots.claim(per_prompt)
+                    trajectory.main = self.slots.context(trajectory.slots[0], system)
+                trajectory.text_cfg = trajectory.main  # round 1's: the system prompt alone, a prefix of main
+                self._live.append(trajectory)
 
     def _advance(self, trajectories: list[_Trajectory]) -> None:
         """One packed forward for ``trajectories``' blocks, then each trajectory takes its result. If the
@@ -312,6 +349,8 @@ class GenerationEngine:
             return [(t.decoding, model.text_block(t.decoding, ids))]
         if t.phase is Phase.APPEND_THINK:
             ids = pipe.wrap(t.think_text)
+            if t.round == 1 and t.slots:  # the image-free context forks from main: into its own slot
+                t.text_only = self.slots.context(t.slots[1], t.text_only)
             contexts = [t.main] if t.round == 0 else [t.main, t.text_only]
             return [(c, model.text_block(c, ids)) for c in contexts]
         if t.phase is Phase.DENOISE:
@@ -442,6 +481,7 @@ class GenerationEngine:
         """A trajectory that drew its last image leaves; its request ends with its last one."""
         t.phase = Phase.DONE
         self._live.remove(t)
+        self._release(t)
         generation = t.generation
         generation._remaining -= 1
         if generation._remaining == 0:
@@ -451,14 +491,50 @@ class GenerationEngine:
             try:
                 generation.emit(PipelineEvent("done", generation.request.rounds - 1))
             except Exception as error:  # noqa: BLE001
-                generation.error = error
-            generation._done.set()
+                generation._complete(error)
+                return
+            generation._complete()
 
     def _finish(self, generation: Generation, error: BaseException) -> None:
         """``generation`` ends with ``error``: its trajectories leave and their caches are freed."""
         if generation.done:
             return
-        self._live = [t for t in self._live if t.generation is not generation]
-        generation.error = error
-        generation._done.set()
+        for t in [t for t in self._live if t.generation is generation]:
+            self._live.remove(t)
+            self._release(t)
+        generation._complete(error)
 
+
+    def _release(self, t: _Trajectory) -> None:
+        """``t`` holds no cache any more; its slots are free for the next request."""
+        t.main = t.text_cfg = t.text_only = t.decoding = None
+        if t.slots:
+            self.slots.release(t.slots)
+            t.slots = []
+
+
+def slots_per_prompt(request: GenerationRequest) -> int:
+    """KV slots a prompt of ``request`` holds: main, and the image-free context from round 2."""
+    return 1 if request.rounds == 1 else 2
+
+
+def kv_slots(pipe: IRGPipeline, num_slots: int, slot_tokens: int) -> KVSlots:
+    """KV slots for ``pipe``'s model, on its device and in its dtype."""
+    llm = pipe.config.llm
+    return KVSlots(num_slots, slot_tokens, llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim,
+                   pipe.device, pipe.dtype)
+
+
+def context_tokens(pipe: IRGPipeline, request: GenerationRequest, prompt: str) -> int:
+    """The most tokens ``prompt``'s main context may hold in ``request`` (think texts at their budget):
+    the system prompt, the prompt, every think, every earlier image fed back (VAE and ViT tokens), and
+    the larger of a think being sampled and an image being denoised."""
+    config = pipe.config
+    vae_w, vae_h = ImageTransform(*request.vae_transform).target_size(request.width, request.height)
+    vit_w, vit_h = ImageTransform(*request.vit_transform).target_size(request.width, request.height)
+    unit, patch = config.pixels_per_latent_token, config.vit.patch_size
+    fed_back = vae_w // unit * (vae_h // unit) + vit_w // patch * (vit_h // patch) + 4
+    drawn = request.height // unit * (request.width // unit) + 2
+    think = request.max_think_tokens + 2
+    text = len(pipe.wrap(request.system_prompt)) + len(pipe.wrap(prompt))
+    return text + request.rounds * think + (request.rounds - 1) * fed_back + max(drawn, think)
