@@ -134,7 +134,7 @@ def test_a_request_that_could_never_fit_the_slots_is_refused_by_name(pipe):
 
 def test_the_context_budget_covers_what_a_request_really_holds(pipe):
     big = request(pipe, rounds=3, seed=8, think_temperature=1.0)
-    budget = context_tokens(pipe, big, "a red cube")
+    budget = context_tokens(pipe, big, len(pipe.wrap("a red cube")))
     engine = engine_for(pipe, slot_tokens=budget)
     generation = engine.submit(big)
     longest = 0
@@ -166,3 +166,28 @@ def test_contexts_grow_inside_their_slot_without_allocating():
         slots.release([1])
     with pytest.raises(ValueError, match="3 KV slots asked for, 2 free"):
         slots.claim(3)
+
+
+def test_step_caching_runs_the_model_on_fewer_steps_and_extrapolates_the_others(pipe):
+    settings = dict(num_steps=9, rounds=1, seed=3, think_texts=["a plan"])
+    calls = {"n": 0}
+    handle = pipe.model.llm2vae.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        steps, cached_steps = [], []
+        plain = pipe("a red cube", callback=lambda e: e.kind == "step" and steps.append(e.detail),
+                     **dict(SMALL, **settings))
+        plain_calls, calls["n"] = calls["n"], 0
+        cached = pipe("a red cube", callback=lambda e: e.kind == "step" and cached_steps.append(e.detail),
+                      round_settings=[{"step_cache_interval": 3}], **dict(SMALL, **settings))
+    finally:
+        handle.remove()
+    # 8 steps: the model runs steps 0, 1, 3, 6 and 7 (the first two, every third, the last)
+    assert [s.reused for s in cached_steps] == [False, False, True, False, True, True, False, False]
+    assert not any(s.reused for s in steps)
+    branches = [1 + (s.v_text is not None) for s in steps]  # CFG branches each step ran
+    assert calls["n"] == sum(b for b, s in zip(branches, cached_steps) if not s.reused) < plain_calls
+    # A reused step is the line through the last two the model ran, branch by branch.
+    (t0, v0), (t1, v1), (t2, v2) = [(s.t, s.v_cond) for s in cached_steps[:3]]
+    torch.testing.assert_close(v2, v1 + (v1 - v0) * (t2 - t1) / (t1 - t0))
+    assert plain.latents[0].shape == cached.latents[0].shape
+    assert not torch.equal(plain.latents[0], cached.latents[0])

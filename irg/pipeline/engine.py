@@ -42,6 +42,7 @@ from irg.model.latents import grid_position_ids, patchify_latent
 from irg.pipeline.events import PipelineEvent
 from irg.pipeline.flow import StepResult, combine_cfg, flow_timesteps, guided_branches
 from irg.pipeline.request import GenerationRequest
+from irg.pipeline.settings import runs_model
 from irg.pipeline.text import next_tokens
 from irg.transforms import ImageTransform, patchify_image
 
@@ -162,6 +163,7 @@ class _Trajectory:
     x: torch.Tensor | None = None  # the latents being denoised [N, 64]
     step: int = 0
     times: torch.Tensor | None = None
+    evaluated: list = field(default_factory=list)  # step caching: the last two (t, branches) the model ran
     grid: tuple[int, int] = (0, 0)
     position_ids: torch.Tensor | None = None
     slots: list[int] = field(default_factory=list)  # KV slots held: main's, then text_only's from round 2
@@ -199,6 +201,7 @@ class GenerationEngine:
         self._pending_lock = threading.Lock()
         self._live: list[_Trajectory] = []
         self.iterations = 0
+        self.last_batch = 0  # prompts the last iteration advanced
 
     # ------------------------------------------------------------------ requests
 
@@ -206,19 +209,23 @@ class GenerationEngine:
                ) -> Generation:
         """Queue a validated request; it joins at the next iteration that has room for all its prompts.
         A ValueError if it could never fit the engine's KV slots."""
+        self.check(request)
+        generation = Generation(request, callback)
+        with self._pending_lock:
+            self._pending.append(generation)
+        return generation
+
+    def check(self, request: GenerationRequest) -> None:
+        """A ValueError naming the limit if ``request`` could never fit the engine's KV slots."""
         if self.slots is not None:
             needed = request.batch_size * slots_per_prompt(request)
             if needed > self.slots.num_slots:
                 raise ValueError(f"n: {request.batch_size} prompts of {request.rounds} rounds need {needed} KV "
                                  f"slots; the engine has {self.slots.num_slots}")
-            longest = max(context_tokens(self.pipe, request, p) for p in request.prompts)
+            longest = longest_context(self.pipe, request)
             if longest > self.slots.slot_tokens:
                 raise ValueError(f"the request's contexts reach {longest} tokens; the engine's KV slots hold "
                                  f"{self.slots.slot_tokens} (a smaller size, fewer rounds or think tokens fit)")
-        generation = Generation(request, callback)
-        with self._pending_lock:
-            self._pending.append(generation)
-        return generation
 
     @property
     def active_prompts(self) -> int:
@@ -252,6 +259,7 @@ class GenerationEngine:
         if not self._live:
             return False
         self.iterations += 1
+        self.last_batch = len(self._live)
         for generation in {t.generation for t in self._live}:
             generation.iterations += 1
         self._advance(list(self._live))
@@ -301,7 +309,7 @@ class GenerationEngine:
             plans = [self._plan(t) for t in trajectories]
             caches = [c for plan in plans for c, _ in plan]
             blocks = [b for plan in plans for _, b in plan]
-            hidden, extended = self.model.forward_blocks(caches, blocks)
+            hidden, extended = self.model.forward_blocks(caches, blocks) if blocks else ([], [])
         except Exception as error:  # noqa: BLE001
             requests = list(dict.fromkeys(t.generation for t in trajectories))
             if len(requests) == 1:
@@ -356,6 +364,8 @@ class GenerationEngine:
         if t.phase is Phase.DENOISE:
             time_now = float(t.times[t.step])
             need_text, need_img = guided_branches(time_now, t.request.round_settings[t.round])
+            if self._reuses(t, need_text, need_img):
+                return []
             contexts = [t.main] + [t.text_cfg] * need_text + [t.text_only] * need_img
             return [(c, model.noised_latent_block(c, t.x, time_now, t.position_ids)) for c in contexts]
         if t.phase is Phase.FEED_VAE:
@@ -438,17 +448,35 @@ class GenerationEngine:
         t.position_ids = grid_position_ids(*t.grid, self.config.max_latent_size, device=self.pipe.device)
         t.step, t.phase = 0, Phase.DENOISE
 
+    def _reuses(self, t: _Trajectory, need_text: bool, need_img: bool) -> bool:
+        """Whether ``t``'s step reuses earlier ones (step caching) instead of running the model: off
+        unless its round's settings ask, and never before the model ran the branches it needs."""
+        settings = t.request.round_settings[t.round]
+        if runs_model(t.step, t.request.num_steps - 1, settings):
+            return False
+        needed = ("cond",) + ("text",) * need_text + ("img",) * need_img
+        points = 1 if settings.step_cache_order == 0 else 2
+        return len(t.evaluated) >= points and all(
+            branches.get(name) is not None for _, branches in t.evaluated[-points:] for name in needed)
+
     def _take_step(self, t: _Trajectory, hidden: list[torch.Tensor]) -> None:
         settings = t.request.round_settings[t.round]
         time_now = float(t.times[t.step])
         need_text, need_img = guided_branches(time_now, settings)
-        velocities = iter(self.model.velocity(h)[None] for h in hidden)
-        v_cond = next(velocities)
-        v_text = next(velocities) if need_text else None
-        v_img = next(velocities) if need_img else None
+        if hidden:
+            velocities = iter(self.model.velocity(h)[None] for h in hidden)
+            branches = {"cond": next(velocities), "text": next(velocities) if need_text else None,
+                        "img": next(velocities) if need_img else None}
+            if settings.step_cache_interval > 1:
+                t.evaluated = [*t.evaluated[-1:], (time_now, branches)]
+        else:
+            branches = self._extrapolated(t, time_now, settings.step_cache_order)
+        v_cond = branches["cond"]
+        v_text = branches["text"] if need_text else None
+        v_img = branches["img"] if need_img else None
         v = combine_cfg(v_cond, v_text, v_img, settings) if need_text else v_cond
         evaluations = t.request.num_steps - 1
-        detail = StepResult(t.step, evaluations, time_now, t.x[None], v_cond, v_text, v_img, v)
+        detail = StepResult(t.step, evaluations, time_now, t.x[None], v_cond, v_text, v_img, v, reused=not hidden)
         t.x = t.x - v[0] * (t.times[t.step] - t.times[t.step + 1])
         t.step += 1
         t.generation.emit(PipelineEvent("step", t.round, t.index, step=t.step, num_steps=evaluations, detail=detail))
@@ -456,8 +484,21 @@ class GenerationEngine:
             latent = t.x
             self._end_image(t, self.pipe.decode_latents(latent[None], t.grid)[0], latent.cpu())
 
+    @staticmethod
+    def _extrapolated(t: _Trajectory, time_now: float, order: int) -> dict:
+        """Each branch's velocity at ``time_now`` from the model's last runs: the last one (order 0),
+        or the line through the last two (order 1, a first-order Taylor step in t)."""
+        last_t, last = t.evaluated[-1]
+        if order == 0:
+            return dict(last)
+        before_t, before = t.evaluated[-2]
+        scale = (time_now - last_t) / (last_t - before_t)
+        return {name: None if v is None or before[name] is None else v + (v - before[name]) * scale
+                for name, v in last.items()}
+
     def _end_image(self, t: _Trajectory, image: Image.Image, latent: torch.Tensor | None) -> None:
         t.x = t.times = t.position_ids = None
+        t.evaluated = []
         output, request = t.output, t.request
         output.images.append(image)
         output.latents.append(latent)
@@ -525,10 +566,10 @@ def kv_slots(pipe: IRGPipeline, num_slots: int, slot_tokens: int) -> KVSlots:
                    pipe.device, pipe.dtype)
 
 
-def context_tokens(pipe: IRGPipeline, request: GenerationRequest, prompt: str) -> int:
-    """The most tokens ``prompt``'s main context may hold in ``request`` (think texts at their budget):
-    the system prompt, the prompt, every think, every earlier image fed back (VAE and ViT tokens), and
-    the larger of a think being sampled and an image being denoised."""
+def context_tokens(pipe: IRGPipeline, request: GenerationRequest, prompt_tokens: int) -> int:
+    """The most tokens a main context may hold in ``request`` for a prompt of ``prompt_tokens`` (think
+    texts at their budget): the system prompt, the prompt, every think, every earlier image fed back
+    (VAE and ViT tokens), and the larger of a think being sampled and an image being denoised."""
     config = pipe.config
     vae_w, vae_h = ImageTransform(*request.vae_transform).target_size(request.width, request.height)
     vit_w, vit_h = ImageTransform(*request.vit_transform).target_size(request.width, request.height)
@@ -536,5 +577,10 @@ def context_tokens(pipe: IRGPipeline, request: GenerationRequest, prompt: str) -
     fed_back = vae_w // unit * (vae_h // unit) + vit_w // patch * (vit_h // patch) + 4
     drawn = request.height // unit * (request.width // unit) + 2
     think = request.max_think_tokens + 2
-    text = len(pipe.wrap(request.system_prompt)) + len(pipe.wrap(prompt))
+    text = len(pipe.wrap(request.system_prompt)) + prompt_tokens
     return text + request.rounds * think + (request.rounds - 1) * fed_back + max(drawn, think)
+
+
+def longest_context(pipe: IRGPipeline, request: GenerationRequest) -> int:
+    """The most tokens any of ``request``'s main contexts may hold (:func:`context_tokens`)."""
+    return max(context_tokens(pipe, request, len(pipe.wrap(p))) for p in request.prompts)

@@ -44,7 +44,7 @@ def _renorm_ratio(reference: torch.Tensor, guided: torch.Tensor, per_token: bool
 
 @dataclass
 class StepResult:
-    """One evaluation of the sampler, for progress reporting and debugging."""
+    """One step of the sampler, for progress reporting and debugging."""
 
     index: int
     num_evaluations: int
@@ -54,6 +54,7 @@ class StepResult:
     v_text: torch.Tensor | None
     v_img: torch.Tensor | None
     v: torch.Tensor
+    reused: bool = False  # step caching: the branches were extrapolated, the model did not run
 
 
 def guided_branches(t: float, settings: RoundSettings) -> tuple[bool, bool]:

@@ -16,7 +16,7 @@ from PIL import Image
 from irg.device import resolve_device, resolve_dtype
 from irg.model import KVCache, load_pretrained, save_pretrained
 from irg.model.latents import unpatchify_latent
-from irg.pipeline.engine import GenerationEngine, IRGOutput, context_tokens, kv_slots, slots_per_prompt
+from irg.pipeline.engine import GenerationEngine, IRGOutput, kv_slots, longest_context, slots_per_prompt
 from irg.pipeline.events import PipelineEvent
 from irg.pipeline.request import DEFAULTS, GenerationDefaults, GenerationRequest, model_defaults, validate_request
 
@@ -97,8 +97,8 @@ class IRGPipeline:
     def generate(self, request: GenerationRequest, callback=None) -> list[IRGOutput]:
         """Run a validated request; one output per prompt. An exception the callback raises ends the
         generation and is raised here. The request's contexts live in KV slots made for it."""
-        longest = max(context_tokens(self, request, p) for p in request.prompts)
-        engine = GenerationEngine(self, kv_slots(self, request.batch_size * slots_per_prompt(request), longest))
+        slots = kv_slots(self, request.batch_size * slots_per_prompt(request), longest_context(self, request))
+        engine = GenerationEngine(self, slots)
         return engine.run(engine.submit(request, callback))
 
     # ------------------------------------------------------------------ what the engine uses

@@ -9,9 +9,16 @@ from dataclasses import dataclass
 RENORM_TYPES = ("global", "channel", "text_channel")
 
 
+MAX_STEP_CACHE_INTERVAL = 8
+
+
 @dataclass(frozen=True)
 class RoundSettings:
-    """How one round's image is sampled: CFG scales and interval, renorm, timestep shift."""
+    """How one round's image is sampled: CFG scales and interval, renorm, timestep shift, and step
+    caching (off by default): with ``step_cache_interval`` N > 1 the model runs only every N-th
+    denoising step (and the first two and the last); the steps between extrapolate each CFG branch's
+    velocity, a linear map of the generation expert's last features, from the last two it ran
+    (TaylorSeer's first order in t; ``step_cache_order`` 0 reuses the last, as FORA does)."""
 
     cfg_text_scale: float = 4.0
     cfg_img_scale: float = 1.0
@@ -19,8 +26,18 @@ class RoundSettings:
     cfg_renorm_type: str = "global"
     cfg_renorm_min: float = 0.0
     timestep_shift: float = 3.0
+    step_cache_interval: int = 1
+    step_cache_order: int = 1
 
     def __post_init__(self):
+        for name in ("step_cache_interval", "step_cache_order"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if not 1 <= self.step_cache_interval <= MAX_STEP_CACHE_INTERVAL:
+            raise ValueError(f"step_cache_interval must be in [1, {MAX_STEP_CACHE_INTERVAL}] (1: off), "
+                             f"got {self.step_cache_interval}")
+        if self.step_cache_order not in (0, 1):
+            raise ValueError(f"step_cache_order must be 0 or 1, got {self.step_cache_order}")
         numbers = {"cfg_text_scale": self.cfg_text_scale, "cfg_img_scale": self.cfg_img_scale,
                    "cfg_renorm_min": self.cfg_renorm_min, "timestep_shift": self.timestep_shift,
                    "cfg_interval": self.cfg_interval[0], "cfg_interval ": self.cfg_interval[1]}
@@ -54,6 +71,12 @@ FIRST_ROUND = RoundSettings()
 
 LATER_ROUNDS = RoundSettings(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 """Rounds 2+: text CFG 4.0 and image CFG 2.0 at every step, per-token renorm of the text branch."""
+
+
+def runs_model(step: int, evaluations: int, settings: RoundSettings) -> bool:
+    """Whether denoising step ``step`` (of ``evaluations``) runs the model, or (step caching) reuses it."""
+    interval = settings.step_cache_interval
+    return interval == 1 or step < 2 or step == evaluations - 1 or step % interval == 0
 
 
 def default_round_settings(round_index: int) -> RoundSettings:
