@@ -191,3 +191,47 @@ def test_step_caching_runs_the_model_on_fewer_steps_and_extrapolates_the_others(
     torch.testing.assert_close(v2, v1 + (v1 - v0) * (t2 - t1) / (t1 - t0))
     assert plain.latents[0].shape == cached.latents[0].shape
     assert not torch.equal(plain.latents[0], cached.latents[0])
+
+
+def test_think_tokens_decoded_with_static_shapes_in_slots_match_the_packed_forward(pipe):
+    """The decode CUDA graphs replay (SlotDecoder), run eagerly here: same tokens and texts, and the
+    contexts stay in their slots."""
+    kinds = [dict(prompt="a red cube", seed=1, think_temperature=0.0, max_think_tokens=12),
+             dict(prompt="two green birds above a white house", seed=2, max_think_tokens=9)]
+    runs, static_steps, sampled = [], [], []
+    for slot_decode in (False, True):
+        engine = GenerationEngine(pipe, kv_slots(pipe, 8, 1024), slot_decode=slot_decode)
+        if slot_decode:
+            step = engine.decoder._step
+            engine.decoder._step = lambda *args, step=step: static_steps.append(len(args[0])) or step(*args)
+        generations = [engine.submit(request(pipe, **kind), lambda e: e.kind == "think_token" and sampled.append(e))
+                       for kind in kinds]
+        while not engine.idle:
+            engine.step()
+        runs.append([g.result()[0] for g in generations])
+        assert (engine.decoder is not None) == slot_decode
+    # every token the static run sampled came out of the static decoder, two contexts at a time at first
+    assert static_steps[0] == 2 and sum(static_steps) >= len(sampled) / 2 > 0
+    for packed, static in zip(*runs):
+        assert packed.texts == static.texts and len(packed.texts[0]) > 0
+        for x, y in zip(packed.latents, static.latents):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_gives_the_eager_tokens(fixture_dir):
+    from irg.pipeline import IRGPipeline
+
+    cuda = IRGPipeline.from_pretrained(fixture_dir, device="cuda", dtype="float32")
+    kinds = [dict(prompt="a red cube", seed=1, think_temperature=0.0, max_think_tokens=24),
+             dict(prompt="a blue ball", seed=2, think_temperature=0.0, max_think_tokens=24, rounds=1)]
+    texts = []
+    for slot_decode in (False, True):
+        engine = GenerationEngine(cuda, kv_slots(cuda, 8, 1024), slot_decode=slot_decode)
+        generations = [engine.submit(request(cuda, **kind)) for kind in kinds]
+        while not engine.idle:
+            engine.step()
+        texts.append([g.result()[0].texts for g in generations])
+        assert slot_decode is False or engine.decoder._graphs  # graphs were captured and replayed
+    assert texts[0] == texts[1]

@@ -52,10 +52,11 @@ class _KVBuffer:
     """Room for the keys and values of a context and its extensions, [capacity, kv_heads, head_dim]
     each; rows below ``filled`` belong to some context and are never written again."""
 
-    __slots__ = ("keys", "values", "filled")
+    __slots__ = ("keys", "values", "filled", "slot")
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int, slot: int | None = None):
         self.keys, self.values, self.filled = keys, values, filled
+        self.slot = slot  # the KVSlots slot these rows are, or None for memory of their own
 
     @property
     def capacity(self) -> int:
@@ -167,15 +168,23 @@ class KVSlots:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if num_slots < 1 or slot_tokens < 1:
             raise ValueError(f"KV slots need num_slots >= 1 and slot_tokens >= 1, got {num_slots}, {slot_tokens}")
-        shape = (num_slots, slot_tokens, kv_heads, head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        # One more slot than is handed out: scratch rows for padded static-shape batches (SlotDecoder).
+        shape = (num_slots + 1, slot_tokens, kv_heads, head_dim)
+        # Zeros, not garbage: a static-shape decode reads whole slots under a mask, and a NaN in a
+        # masked row would still reach the output through its zero weight.
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.slot_tokens = slot_tokens
         self._free = list(range(num_slots - 1, -1, -1))
 
     @property
     def num_slots(self) -> int:
-        return self.keys[0].shape[0]
+        return self.keys[0].shape[0] - 1
+
+    @property
+    def scratch_slot(self) -> int:
+        """A slot never handed out, whose rows anyone may overwrite."""
+        return self.num_slots
 
     @property
     def free(self) -> int:
@@ -207,8 +216,27 @@ class KVSlots:
             if layer is not None:
                 own_keys[: layer.length] = layer.keys
                 own_values[: layer.length] = layer.values
-            layers.append(LayerKV._view(_KVBuffer(own_keys, own_values, prefix.length), prefix.length))
+            layers.append(LayerKV._view(_KVBuffer(own_keys, own_values, prefix.length, slot), prefix.length))
         return KVCache(layers, prefix.length, prefix.position)
+
+    def appendable_slot(self, cache: KVCache) -> int | None:
+        """The slot ``cache`` may grow in place by one token (its rows at the slot's start, the row after
+        them unclaimed and inside the slot), or None: how a static-shape decode picks its contexts."""
+        if not cache.layers:
+            return None
+        layer = cache.layers[0]
+        buffer = layer._buffer
+        if buffer.slot is None or buffer.filled != layer.length or layer.length >= self.slot_tokens:
+            return None
+        return buffer.slot
+
+    def appended(self, cache: KVCache) -> KVCache:
+        """``cache`` followed by the token a static-shape decode wrote into its slot (row ``length``)."""
+        layers = []
+        for layer in cache.layers:
+            layer._buffer.filled = layer.length + 1
+            layers.append(LayerKV._view(layer._buffer, layer.length + 1))
+        return KVCache(layers, cache.length + 1, cache.position + 1)
 
 
 def attend(

@@ -39,6 +39,7 @@ from PIL import Image
 from irg.model import KVCache
 from irg.model.attention import KVSlots
 from irg.model.latents import grid_position_ids, patchify_latent
+from irg.model.slot_decode import SlotDecoder
 from irg.pipeline.events import PipelineEvent
 from irg.pipeline.flow import StepResult, combine_cfg, flow_timesteps, guided_branches
 from irg.pipeline.request import GenerationRequest
@@ -192,11 +193,16 @@ class GenerationEngine:
     thread at a time.
     """
 
-    def __init__(self, pipe: IRGPipeline, slots: KVSlots | None = None):
+    def __init__(self, pipe: IRGPipeline, slots: KVSlots | None = None, slot_decode: bool | None = None):
         self.pipe = pipe
         self.model = pipe.model
         self.config = pipe.config
         self.slots = slots
+        # Think tokens of contexts in slots decode with static shapes (SlotDecoder), replayed as CUDA
+        # graphs on CUDA; None: there only. Other blocks, and contexts outside the slots, run packed.
+        if slot_decode is None:
+            slot_decode = slots is not None and pipe.device.type == "cuda"
+        self.decoder = SlotDecoder(self.model, slots, cuda_graphs=True) if slot_decode and slots else None
         self._pending: deque[Generation] = deque()
         self._pending_lock = threading.Lock()
         self._live: list[_Trajectory] = []
@@ -302,11 +308,14 @@ class GenerationEngine:
                 self._live.append(trajectory)
 
     def _advance(self, trajectories: list[_Trajectory]) -> None:
-        """One packed forward for ``trajectories``' blocks, then each trajectory takes its result. If the
-        forward fails, each request's trajectories run again alone, so only a request whose own blocks
-        fail gets the error; a trajectory whose own step fails fails its request."""
+        """One packed forward for ``trajectories``' blocks (think tokens of contexts in slots through the
+        static-shape decoder when there is one), then each trajectory takes its result. If the forward
+        fails, each request's trajectories run again alone, so only a request whose own blocks fail
+        gets the error; a trajectory whose own step fails fails its request."""
         try:
-            plans = [self._plan(t) for t in trajectories]
+            decoded = self._decode_in_slots(trajectories)
+            packed = [t for t in trajectories if id(t) not in decoded]
+            plans = [self._plan(t) for t in packed]
             caches = [c for plan in plans for c, _ in plan]
             blocks = [b for plan in plans for _, b in plan]
             hidden, extended = self.model.forward_blocks(caches, blocks) if blocks else ([], [])
@@ -321,17 +330,36 @@ class GenerationEngine:
             for generation in requests:
                 self._advance([t for t in trajectories if t.generation is generation])
             return
-        logits = self._think_logits(trajectories, plans, hidden)
-        start = 0
-        for trajectory, plan in zip(trajectories, plans):
-            own = slice(start, start + len(plan))
-            start += len(plan)
+        logits = self._think_logits(packed, plans, hidden)
+        results = {id(t): (hidden[own], extended[own], logits.get(id(t)))
+                   for t, own in zip(packed, _slices(len(plan) for plan in plans))}
+        results.update({key: ([], [cache], row) for key, (row, cache) in decoded.items()})
+        for trajectory in trajectories:
             if trajectory.generation.done:  # its request failed earlier in this loop
                 continue
             try:
-                self._commit(trajectory, hidden[own], extended[own], logits.get(id(trajectory)))
+                self._commit(trajectory, *results[id(trajectory)])
             except Exception as error:  # noqa: BLE001 - a failing callback or decode fails its own request
                 self._finish(trajectory.generation, error)
+
+    def _decode_in_slots(self, trajectories: list[_Trajectory]) -> dict[int, tuple[torch.Tensor, KVCache]]:
+        """Think tokens of contexts that can grow in their slot, through the static-shape decoder:
+        per trajectory (by id) its logits and its context one token longer."""
+        if self.decoder is None:
+            return {}
+        thinking = [(t, self.slots.appendable_slot(t.decoding)) for t in trajectories if t.phase is Phase.THINK]
+        thinking = [(t, slot) for t, slot in thinking if slot is not None]
+        if not thinking:
+            return {}
+        device = self.pipe.device
+
+        def column(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        logits = self.decoder(column([t.next_token for t, _ in thinking]), column([slot for _, slot in thinking]),
+                              column([t.decoding.length for t, _ in thinking]),
+                              column([t.decoding.position for t, _ in thinking]))
+        return {id(t): (row, self.slots.appended(t.decoding)) for (t, _), row in zip(thinking, logits)}
 
     def _think_logits(self, trajectories, plans, hidden) -> dict[int, torch.Tensor]:
         """Next-token logits of every thinking trajectory, through the LM head in one call."""
@@ -552,6 +580,14 @@ class GenerationEngine:
         if t.slots:
             self.slots.release(t.slots)
             t.slots = []
+
+
+def _slices(lengths):
+    """Consecutive slices of the given lengths."""
+    start = 0
+    for length in lengths:
+        yield slice(start, start + length)
+        start += length
 
 
 def slots_per_prompt(request: GenerationRequest) -> int:

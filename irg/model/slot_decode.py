@@ -1,0 +1,97 @@
+"""One think token for each of several contexts in KV slots, with static shapes: CUDA-graph decode.
+
+A decode iteration is a few hundred small kernels (per layer: norms, projections, RoPE, attention,
+MLP) over a handful of tokens, so on a GPU its time is launch overhead more than arithmetic. Over
+:class:`~irg.model.attention.KVSlots` every tensor of the step has a fixed shape for a given number of
+contexts: the new keys and values are written into each context's slot at its length, and attention
+reads the whole slot under a mask of the rows in use. :class:`SlotDecoder` runs that step eagerly
+(any device: how the CPU and the tests run it) or, on CUDA, replays it as a CUDA graph captured once
+per batch-size bucket (a batch is padded up to its bucket with a spare slot whose result is ignored).
+Decode tokens are text, so only the understanding expert runs. No Ray here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from irg.model.attention import KVSlots
+from irg.model.llm import apply_rotary
+
+BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class SlotDecoder:
+    """Next-token logits for ``B`` contexts in ``slots``, each fed one token (its new key and value
+    written at row ``lengths[i]`` of slot ``slot_ids[i]``, RoPE position ``positions[i]``).
+
+    ``cuda_graphs`` (CUDA only): replay a graph captured per bucket of :data:`BUCKETS` instead of
+    launching every kernel; the first call of a bucket captures it. Padding rows use the slots'
+    scratch slot.
+    """
+
+    def __init__(self, model, slots: KVSlots, cuda_graphs: bool = False):
+        self.model, self.slots = model, slots
+        self.llm = model.language_model
+        self.device = slots.keys[0].device
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, slot_ids: torch.Tensor, lengths: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """[B] each (long) -> logits [B, vocab] (float32)."""
+        batch = tokens.shape[0]
+        bucket = next((b for b in BUCKETS if b >= batch), None)
+        if not self.cuda_graphs or bucket is None:
+            return self._step(tokens, slot_ids, lengths, positions)
+        pad = bucket - batch
+        inputs = {"tokens": tokens, "slot_ids": slot_ids, "lengths": lengths, "positions": positions}
+        if pad:  # the scratch slot, written at row 0 and reading only that row
+            fill = {"tokens": 0, "slot_ids": self.slots.scratch_slot, "lengths": 0, "positions": 0}
+            inputs = {k: torch.cat([v, v.new_full((pad,), fill[k])]) for k, v in inputs.items()}
+        if bucket not in self._graphs:
+            self._graphs[bucket] = self._capture({k: v.clone() for k, v in inputs.items()})
+        graph, static, logits = self._graphs[bucket]
+        for name, value in inputs.items():
+            static[name].copy_(value)
+        graph.replay()
+        return logits[:batch].clone()
+
+    def _capture(self, static: dict) -> tuple:
+        """A CUDA graph of :meth:`_step` over the ``static`` input buffers (warmed up on a side stream first,
+        as CUDA graphs require); its output buffer."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(**static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._step(**static)
+        return graph, static, logits
+
+    def _step(self, tokens, slot_ids, lengths, positions) -> torch.Tensor:
+        model = self.llm.model
+        x = model.embed_tokens(tokens)  # [B, hidden]
+        cos, sin = model.rotary(positions, x.dtype)
+        rows = torch.arange(self.slots.slot_tokens, device=self.device)
+        visible = (rows[None, :] <= lengths[:, None])[:, None, None, :]  # [B, 1, 1, T]: the context and the token
+        for index, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_norm(attn.q_proj(h).view(-1, attn.num_heads, attn.head_dim))
+            k = attn.k_norm(attn.k_proj(h).view(-1, attn.num_kv_heads, attn.head_dim))
+            v = attn.v_proj(h).view(-1, attn.num_kv_heads, attn.head_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            keys, values = self.slots.keys[index], self.slots.values[index]
+            keys[slot_ids, lengths] = k
+            values[slot_ids, lengths] = v
+            out = F.scaled_dot_product_attention(
+                q[:, :, None, :],  # [B, heads, 1, D]
+                keys[slot_ids].transpose(1, 2), values[slot_ids].transpose(1, 2),  # [B, kv_heads, T, D]
+                attn_mask=visible, enable_gqa=attn.num_heads != attn.num_kv_heads)
+            x = x + attn.o_proj(out.reshape(x.shape[0], -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.llm.lm_head(model.norm(x)).float()
