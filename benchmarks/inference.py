@@ -4,6 +4,12 @@ Prints one JSON object to stdout (progress goes to stderr). Random weights are e
 measured here (prefill, denoising pass, decode step, a full 2-round request with fixed-length
 thinks) depends on shapes, not values. No Ray; no checkpoint needed.
 
+The decode step is timed three ways at a 1000-token context: the packed forward (eager), and the
+generation engine's static-shape decode over a KV slot (irg.model.slot_decode), eager and, on CUDA,
+replayed as a CUDA graph (the spec's floor: 4.7 ms on an H200). The full 2-round request is timed
+with step caching off and at each ``--step-cache`` interval; its thinks (random weights would stop
+at a random length) are timed apart as ``--think-tokens`` decode steps each, with the engine's decoder.
+
     PYTHONPATH=. python benchmarks/inference.py --preset bagel-7b    # H100/H200, bf16, ~30 GB
     PYTHONPATH=. python benchmarks/inference.py --preset tiny --image-size 64 --steps 4 --context-tokens 300
 """
@@ -24,8 +30,10 @@ import torch
 
 from irg.device import DEVICE_HELP, DTYPE_CHOICES, resolve_device, resolve_dtype
 from irg.model import AutoEncoder, Bagel, KVCache, get_config
+from irg.model.attention import KVSlots
 from irg.model.embeddings import PositionEmbedding2D
 from irg.model.latents import grid_position_ids
+from irg.model.slot_decode import SlotDecoder
 from irg.pipeline.irg_pipeline import IRGPipeline
 from irg.pipeline.text import next_tokens
 
@@ -158,6 +166,8 @@ def main() -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip-full-request", action="store_true")
+    parser.add_argument("--step-cache", type=int, nargs="*", default=[2, 3],
+                        help="step_cache_interval values to time the full request at, besides off")
     args = parser.parse_args()
     device = resolve_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype, device, "--dtype")
@@ -213,8 +223,8 @@ def main() -> dict:
         for branches in (1, 3):
             log(f"denoise pass: context {context}, {n} latent tokens, {branches} branch(es)")
             caches = [cache] * branches
-            timing = time_ms(lambda: model.predict_velocity(caches, x_t[:branches], t[:branches], positions),  # noqa: B023
-                             device, args.warmup, args.repeats)
+            timing = time_ms(lambda caches=caches, branches=branches: model.predict_velocity(
+                caches, x_t[:branches], t[:branches], positions), device, args.warmup, args.repeats)
             flops = branches * denoise_flops(config, n, context)
             result["denoise_pass"]["runs"].append({
                 "context_tokens": context, "branches": branches, **timing, "gflop": sig(flops / 1e9),
@@ -229,42 +239,59 @@ def main() -> dict:
     result["decode_step"] = {"context_tokens": DECODE_CONTEXT,
                              **time_ms(lambda: model.decode_step([decode_cache], token), device,
                                        args.warmup, max(args.repeats, 20))}
+    llm = config.llm
+    slots = KVSlots(1, DECODE_CONTEXT + args.think_tokens + 8, llm.num_hidden_layers, llm.num_key_value_heads,
+                    llm.head_dim, device, dtype)
+    (slot,) = slots.claim()
+    in_slot = slots.context(slot, decode_cache)
+    at = torch.tensor([DECODE_CONTEXT], device=device)
+    for graphs in (False, True) if device.type == "cuda" else (False,):
+        log(f"decode step in a KV slot, static shapes{', CUDA graph' if graphs else ', eager'}")
+        decoder = SlotDecoder(model, slots, cuda_graphs=graphs)
+        timing = time_ms(lambda: decoder(token, torch.tensor([slot], device=device), at, at),  # noqa: B023
+                         device, args.warmup, max(args.repeats, 20))
+        result["decode_step_slot_cuda_graph" if graphs else "decode_step_slot_eager"] = {
+            "context_tokens": DECODE_CONTEXT, **timing}
 
     if not args.skip_full_request:
         # Thinks with random weights would stop at a random length, so they are timed apart: one
-        # sampled decode loop of --think-tokens steps (as the pipeline runs it), counted per round.
+        # sampled decode loop of --think-tokens steps, as the engine runs it (the static-shape decoder
+        # over the slot, a CUDA graph on CUDA), counted per round.
         log(f"think: {args.think_tokens} decode steps")
-        caches, tokens = [decode_cache], torch.tensor([tokenizer.convert_tokens_to_ids("<|im_start|>")], device=device)
+        token = torch.tensor([tokenizer.convert_tokens_to_ids("<|im_start|>")], device=device)
+        slot_ids = torch.tensor([slot], device=device)
         sync(device)
         start = time.perf_counter()
-        for _ in range(args.think_tokens):
-            logits, caches = model.decode_step(caches, tokens)
-            tokens = next_tokens(logits, 0.3, generator)
+        for i in range(args.think_tokens):
+            position = torch.tensor([in_slot.length + i], device=device)
+            logits = decoder(token, slot_ids, position, position)
+            token = torch.tensor(next_tokens(logits, 0.3, [generator]), device=device)
         sync(device)
         think_round_s = time.perf_counter() - start
-        del caches
+        del slots, decoder, in_slot
 
         pipeline = IRGPipeline(model, autoencoder, tokenizer)
         think_text, think_len = fixed_think_text(tokenizer, args.think_tokens)
         request = dict(height=args.image_size, width=args.image_size, rounds=2, seed=0, think_texts=[think_text] * 2)
         log("full request: warm-up (2 steps)")
         pipeline(PROMPT, num_steps=2, **request)
-        log(f"full request: {args.steps} steps, {args.image_size}px, 2 rounds")
-        reset_peak(device)
-        sync(device)
-        start = time.perf_counter()
-        out = pipeline(PROMPT, num_steps=args.steps, **request)
-        sync(device)
-        pipeline_s = time.perf_counter() - start
-        result["full_request"] = {
-            "image_size": args.image_size, "steps": args.steps, "rounds": 2, "think_tokens": think_len,
-            "think_s": round(2 * think_round_s, 3), "pipeline_s": round(pipeline_s, 3),
-            "total_s": round(2 * think_round_s + pipeline_s, 3),
-            "think_estimate_from_decode_median_s": round(
-                2 * args.think_tokens * result["decode_step"]["median_ms"] / 1e3, 3),
-            "pipeline_timings_s": {k: round(v, 3) for k, v in out.timings.items()},
-            "peak_memory_gib": round(peak_memory_gib(device), 3),
-        }
+        for interval in [1, *args.step_cache]:
+            log(f"full request: {args.steps} steps, {args.image_size}px, 2 rounds, step cache interval {interval}")
+            reset_peak(device)
+            sync(device)
+            start = time.perf_counter()
+            out = pipeline(PROMPT, num_steps=args.steps, round_settings=[{"step_cache_interval": interval}] * 2,
+                           **request)
+            sync(device)
+            pipeline_s = time.perf_counter() - start
+            result["full_request" if interval == 1 else f"full_request_step_cache_{interval}"] = {
+                "image_size": args.image_size, "steps": args.steps, "rounds": 2, "think_tokens": think_len,
+                "step_cache_interval": interval,
+                "think_s": round(2 * think_round_s, 3), "pipeline_s": round(pipeline_s, 3),
+                "total_s": round(2 * think_round_s + pipeline_s, 3),
+                "pipeline_timings_s": {k: round(v, 3) for k, v in out.timings.items()},
+                "peak_memory_gib": round(peak_memory_gib(device), 3),
+            }
     return result
 
 

@@ -3,11 +3,16 @@
 Prints one JSON object to stdout (progress goes to stderr). Starts a local Ray and Serve on
 127.0.0.1 (a free port), deploys ``serve_apps.irg_app``'s ``Ingress`` in front of its ``Generator``
 with the tiny checkpoint on CPU, and with a faster autoscaling config than the app's default (so
-that a short run shows the generator scaling up and back down) and the batching of
-``--max-batch-size`` / ``--batch-wait`` (the Generator's ``user_config``). ``--clients`` threads then loop
-``POST /v1/images/generations`` for ``--seconds``, while the generator's RUNNING replicas are
-sampled every 0.5 s, during the load and for up to ``--cooldown`` seconds after it, until they are
-back at the minimum. Serve and Ray are shut down at the end, also on error or Ctrl-C.
+that a short run shows the generator scaling up and back down). The Generator's scheduler is
+``--scheduler``: ``engine`` (continuous batching, the default), ``call`` (one pipeline call at a time,
+same-shape requests batched by ``--max-batch-size`` / ``--batch-wait``, its ``user_config``) or ``both``,
+one after the other on the same load, with a comparison. The load is either ``--clients`` threads
+that loop ``POST /v1/images/generations`` for ``--seconds`` (closed loop), or, with ``--rate``, Poisson
+arrivals at that many requests per second for ``--seconds`` (open loop: the same arrival times and
+bodies for every scheduler, drawn from ``--arrival-seed``), each request waited for to the end. The
+generator's RUNNING replicas are sampled every 0.5 s, during the load and for up to ``--cooldown``
+seconds after it, until they are back at the minimum. Serve and Ray are shut down at the end of
+each run, also on error or Ctrl-C.
 
 API keys are on, as on a cluster: every client sends its own key (``Authorization: Bearer``, from
 ``$IRG_BENCH_API_KEYS``, which the replicas inherit), so the per-key concurrency is the app's default;
@@ -17,6 +22,8 @@ failure, and a healthy run has none.
 
     PYTHONPATH=. python benchmarks/serve_load.py                              # defaults: ~1.5 min on 2 cores
     PYTHONPATH=. python benchmarks/serve_load.py --clients 16 --seconds 60 --max-replicas 3 --cpus 4
+    PYTHONPATH=. python benchmarks/serve_load.py --scheduler both --rate 0.3 --seconds 120 \
+        --min-replicas 1 --max-replicas 1      # the engine against one call at a time, Poisson arrivals
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ import json
 import math
 import os
 import platform
+import random
 import secrets
+import statistics
 import sys
 import threading
 import time
@@ -49,7 +58,13 @@ def log(msg: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients, each one request at a time")
+    parser.add_argument("--scheduler", choices=("engine", "call", "both"), default="engine",
+                        help="the Generator's scheduler (AppArgs.scheduler); both: one run each, compared")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="Poisson arrivals at this many requests/s (open loop) instead of looping clients")
+    parser.add_argument("--arrival-seed", type=int, default=0, help="seed of the Poisson arrival times")
+    parser.add_argument("--clients", type=int, default=8,
+                        help="concurrent clients, each one request at a time (with --rate: API keys in turn)")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long clients keep sending requests")
     parser.add_argument("--cooldown", type=float, default=20.0,
                         help="most seconds to keep sampling replicas after the load, until back at the minimum")
@@ -84,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("need 0 <= --min-replicas <= --max-replicas")
     if args.seconds <= 0 or args.cooldown < 0 or args.batch_wait < 0:
         parser.error("--seconds must be > 0, --cooldown and --batch-wait >= 0")
+    if args.rate is not None and args.rate <= 0:
+        parser.error("--rate must be > 0")
     return args
 
 
@@ -157,42 +174,75 @@ class ReplicaSampler:
         return out
 
 
+def request_body(args: argparse.Namespace, index: int, i: int) -> dict:
+    """Request ``i`` of client (or arrival) ``index``: its own prompt and seed."""
+    return {"prompt": f"{PROMPTS[(index + i) % len(PROMPTS)]} #{index}.{i}", "n": args.n, "size": args.size,
+            "steps": args.steps, "rounds": args.rounds, "seed": index * 1_000_000 + i,
+            "max_think_tokens": args.max_think_tokens}
+
+
+def send(session, url: str, body: dict, args: argparse.Namespace) -> tuple[float, str, str | None, float]:
+    """POST one request: (latency_s, outcome ok/rejected/failed, detail, the 503's Retry-After)."""
+    start = time.perf_counter()
+    try:
+        response = session.post(url, json=body, timeout=args.request_timeout + 30)
+        latency = time.perf_counter() - start
+        if response.status_code == 200:
+            data = response.json()["data"]
+            ok = len(data) == args.n and all(len(d["rounds"]) == args.rounds for d in data)
+            return (latency, "ok", None, 0.0) if ok else (latency, "failed", "200 with an unexpected body", 0.0)
+        if response.status_code == 503:
+            return latency, "rejected", None, float(response.headers.get("retry-after", 1))
+        return latency, "failed", f"HTTP {response.status_code}: {response.text[:200]}", 0.0
+    except Exception as e:  # noqa: BLE001 - counted as a failure
+        return time.perf_counter() - start, "failed", f"{type(e).__name__}: {e}", 0.0
+
+
+def session_for(key: str | None):
+    import requests
+
+    session = requests.Session()
+    if key is not None:
+        session.headers["authorization"] = f"Bearer {key}"
+    return session
+
+
 def client(url: str, index: int, args: argparse.Namespace, deadline: float, t0: float, results: list,
            stop: threading.Event, key: str | None) -> None:
     """Send requests one after another until ``deadline`` (or ``stop``), with API key ``key`` if any; append
     (start_s, latency_s, outcome, detail)."""
-    import requests
-
-    with requests.Session() as session:
-        if key is not None:
-            session.headers["authorization"] = f"Bearer {key}"
+    with session_for(key) as session:
         i = 0
         while time.perf_counter() < deadline and not stop.is_set():
-            body = {"prompt": f"{PROMPTS[(index + i) % len(PROMPTS)]} #{index}.{i}", "n": args.n,
-                    "size": args.size, "steps": args.steps, "rounds": args.rounds,
-                    "seed": index * 1_000_000 + i, "max_think_tokens": args.max_think_tokens}
             start = time.perf_counter()
-            try:
-                response = session.post(url, json=body, timeout=args.request_timeout + 30)
-                latency = time.perf_counter() - start
-                if response.status_code == 200:
-                    data = response.json()["data"]
-                    ok = len(data) == args.n and all(len(d["rounds"]) == args.rounds for d in data)
-                    outcome, detail = ("ok", None) if ok else ("failed", "200 with an unexpected body")
-                elif response.status_code == 503:
-                    outcome, detail = "rejected", None
-                    retry_after = float(response.headers.get("retry-after", 1))
-                    stop.wait(min(retry_after, max(0.0, deadline - time.perf_counter())))
-                else:
-                    outcome, detail = "failed", f"HTTP {response.status_code}: {response.text[:200]}"
-            except Exception as e:  # noqa: BLE001 - counted as a failure
-                latency = time.perf_counter() - start
-                outcome, detail = "failed", f"{type(e).__name__}: {e}"
+            latency, outcome, detail, retry_after = send(session, url, request_body(args, index, i), args)
             results.append((start - t0, latency, outcome, detail))
+            if outcome == "rejected":
+                stop.wait(min(retry_after, max(0.0, deadline - time.perf_counter())))
             if detail:
                 log(f"client {index}: {detail}")
                 stop.wait(0.5)  # no busy loop against a server that is down
             i += 1
+
+
+def arrival_times(rate: float, seconds: float, seed: int) -> list[float]:
+    """Poisson arrivals: exponential gaps of mean 1/rate, from 0 up to ``seconds``."""
+    rng, times, t = random.Random(seed), [], 0.0
+    while (t := t + rng.expovariate(rate)) < seconds:
+        times.append(t)
+    return times
+
+
+def arrival(url: str, i: int, at: float, args: argparse.Namespace, t0: float, results: list,
+            stop: threading.Event, key: str | None) -> None:
+    """Arrival ``i``: wait until ``at`` s after ``t0``, send its one request, append its result."""
+    if stop.wait(max(0.0, t0 + at - time.perf_counter())):
+        return
+    with session_for(key) as session:
+        latency, outcome, detail, _ = send(session, url, request_body(args, i, 0), args)
+    results.append((at, latency, outcome, detail))
+    if detail:
+        log(f"arrival {i}: {detail}")
 
 
 def generator_stats(handle, calls: int) -> list[dict]:
@@ -211,8 +261,13 @@ def run_load(args: argparse.Namespace, url: str, sampler: ReplicaSampler, t0: fl
     results: list = []
     deadline = t0 + args.seconds
     stop = threading.Event()
-    threads = [threading.Thread(target=client, args=(url, i, args, deadline, t0, results, stop, keys[i]),
-                                daemon=True) for i in range(args.clients)]
+    if args.rate is None:
+        threads = [threading.Thread(target=client, args=(url, i, args, deadline, t0, results, stop, keys[i]),
+                                    daemon=True) for i in range(args.clients)]
+    else:
+        threads = [threading.Thread(target=arrival, args=(url, i, at, args, t0, results, stop, keys[i % len(keys)]),
+                                    daemon=True)
+                   for i, at in enumerate(arrival_times(args.rate, args.seconds, args.arrival_seed))]
     for t in threads:
         t.start()
     try:
@@ -231,11 +286,11 @@ def run_load(args: argparse.Namespace, url: str, sampler: ReplicaSampler, t0: fl
     return results, time.perf_counter()
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace, scheduler: str) -> dict:
     import ray
     from ray import serve
 
-    from serve_apps.irg_app import Generator, bind_app
+    from serve_apps.irg_app import CallGenerator, Generator, bind_app
 
     autoscaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                    "target_ongoing_requests": args.target_ongoing, "upscale_delay_s": args.upscale_delay,
@@ -251,17 +306,23 @@ def main(args: argparse.Namespace) -> dict:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        log(f"Serve on 127.0.0.1:{port}; deploying the app with {args.model} (autoscaling {autoscaling})")
-        app = bind_app(AppArgs(model=args.model, device="cpu", request_timeout_s=args.request_timeout,
-                               require_api_key=args.keys, api_keys_env=KEYS_ENV),
-                       autoscaling_config=autoscaling, user_config=batching.model_dump(),
-                       max_ongoing_requests=max(Generator.max_ongoing_requests, batching.max_batch_size))
+        log(f"Serve on 127.0.0.1:{port}; deploying the app with {args.model}, scheduler {scheduler} "
+            f"(autoscaling {autoscaling})")
+        app_args = AppArgs(model=args.model, device="cpu", request_timeout_s=args.request_timeout,
+                           require_api_key=args.keys, api_keys_env=KEYS_ENV, scheduler=scheduler)
+        if scheduler == "call":
+            app = bind_app(app_args, autoscaling_config=autoscaling, user_config=batching.model_dump(),
+                           max_ongoing_requests=max(CallGenerator.max_ongoing_requests, batching.max_batch_size))
+        else:
+            app = bind_app(app_args, autoscaling_config=autoscaling,
+                           max_ongoing_requests=Generator.max_ongoing_requests)
         serve.run(app, name=APP, route_prefix="/")
         handle = serve.get_deployment_handle("Generator", app_name=APP)
         deploy_s = time.perf_counter() - started
         url = f"http://127.0.0.1:{port}/v1/images/generations"
 
-        log(f"deployed in {deploy_s:.1f} s; {args.clients} clients for {args.seconds:g} s "
+        load = f"{args.clients} clients" if args.rate is None else f"Poisson arrivals at {args.rate:g}/s"
+        log(f"deployed in {deploy_s:.1f} s; {load} for {args.seconds:g} s "
             f"({args.size}, {args.steps} steps, {args.rounds} rounds, {args.max_think_tokens} think tokens)")
         t0 = time.perf_counter()
         sampler = ReplicaSampler(t0)
@@ -299,11 +360,15 @@ def main(args: argparse.Namespace) -> dict:
         kind = r[3].split(":")[0]
         failure_kinds[kind] = failure_kinds.get(kind, 0) + 1
     return {
+        "scheduler": scheduler,
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.cpus, "platform": platform.platform()},
-        "settings": {"clients": args.clients, "seconds": args.seconds, "cooldown_s": args.cooldown,
+        "settings": {"load": "closed loop" if args.rate is None else f"Poisson {args.rate:g}/s",
+                     "arrival_seed": args.arrival_seed, "clients": args.clients, "seconds": args.seconds,
+                     "cooldown_s": args.cooldown,
                      "request": {"size": args.size, "n": args.n, "steps": args.steps, "rounds": args.rounds,
                                  "max_think_tokens": args.max_think_tokens},
-                     "autoscaling": autoscaling, "batching": batching.model_dump(),
+                     "autoscaling": autoscaling,
+                     "batching": batching.model_dump() if scheduler == "call" else "engine iterations",
                      "request_timeout_s": args.request_timeout, "model": args.model,
                      "api_keys": "one per client" if args.keys else "off"},
         "deploy_s": round(deploy_s, 2),
@@ -315,7 +380,8 @@ def main(args: argparse.Namespace) -> dict:
         "throughput": {"requests_per_s": round(len(ok) / load_wall, 3),
                        "images_per_s": round(len(ok) * args.n / load_wall, 3)},
         "latency_s": {q: (round(v, 3) if v is not None else None)
-                      for q, v in (("p50", percentile(latencies, 50)), ("p90", percentile(latencies, 90)),
+                      for q, v in (("mean", statistics.fmean(latencies) if latencies else None),
+                                   ("p50", percentile(latencies, 50)), ("p90", percentile(latencies, 90)),
                                    ("p99", percentile(latencies, 99)), ("max", max(latencies, default=None)))},
         "replicas": {
             "timeline": sampler.timeline(),
@@ -334,11 +400,28 @@ def main(args: argparse.Namespace) -> dict:
     }
 
 
+def compare(call: dict, engine: dict) -> dict:
+    """How the engine's latency and throughput compare with one call at a time on the same load."""
+    def lower_by(key: str) -> float | None:
+        before, after = call["latency_s"][key], engine["latency_s"][key]
+        return None if not before or after is None else round(1 - after / before, 3)
+
+    rates = call["throughput"]["requests_per_s"], engine["throughput"]["requests_per_s"]
+    return {"p99_latency_lower_by": lower_by("p99"), "mean_latency_lower_by": lower_by("mean"),
+            "throughput_requests_per_s": {"call": rates[0], "engine": rates[1]},
+            "throughput_ratio": round(rates[1] / rates[0], 3) if rates[0] else None,
+            "completed": {"call": call["requests"]["completed"], "engine": engine["requests"]["completed"]}}
+
+
 if __name__ == "__main__":
     arguments = parse_args()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the JSON
-            report = main(arguments)
+            if arguments.scheduler == "both":
+                runs = {name: main(arguments, name) for name in ("call", "engine")}
+                report = {**runs, "comparison": compare(runs["call"], runs["engine"])}
+            else:
+                report = main(arguments, arguments.scheduler)
     except KeyboardInterrupt:
         log("interrupted")
         sys.exit(130)

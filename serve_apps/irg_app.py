@@ -94,7 +94,7 @@ def _server_error(error: BaseException) -> OpenAIError:
 
 
 RETRY_AFTER_S = 5
-BATCHING = BatchOptions()  # the Generator's default user_config
+BATCHING = BatchOptions()  # the call-at-a-time Generator's default user_config
 _END = object()  # a stream's last item
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
@@ -124,34 +124,17 @@ class _Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=4,  # >= max_batch_size: up to a full batch; generations themselves run one at a time
-    max_queued_requests=8,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                        "upscale_delay_s": 2, "downscale_delay_s": 30},
-    user_config=BATCHING.model_dump(),
-)
-class Generator:
+class _Replica:
+    """What a generator replica holds whatever its scheduler: the pipeline, the checks of a request
+    against the loaded model, its limits, the replica's metrics."""
+
     def __init__(self, model: str, device: str, dtype: str):  # from AppArgs, which holds their defaults
         from irg.pipeline import IRGPipeline
         from irg.registry import checkpoint_path
 
         self.model_name = model
         self.pipe = IRGPipeline.from_pretrained(checkpoint_path(model), device=device, dtype=dtype)
-        self.lock = threading.Lock()  # the pipeline runs one generation at a time
-        self.queue_lock = threading.Lock()  # guards _Job.queued between the event loop and the pipeline's thread
-        self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "largest_batch": 0}
-        self.waiting_streams: dict = {}
-        self.batching = BATCHING  # until reconfigure
         self.metrics = GeneratorMetrics()
-
-    def reconfigure(self, user_config: dict | None) -> None:
-        """Serve calls this when a replica starts and whenever the deployment's ``user_config``
-        changes: batch size and wait apply to the JSON batches and the stream batches alike."""
-        self.batching = BatchOptions.model_validate(user_config or {})
-        self._generate_batched.set_max_batch_size(self.batching.max_batch_size)
-        self._generate_batched.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
 
     def limits(self) -> dict:
         """Each body field's bounds and the loaded model's defaults (``GET /v1/limits``)."""
@@ -160,6 +143,103 @@ class Generator:
     def check(self, body: dict) -> int:
         """Raise ValueError naming the field if ``body`` cannot be generated (no model work); else its rounds."""
         return self._request(body).rounds
+
+    def _request(self, body: dict):
+        try:
+            return GenerationBody(**body).to_request(self.pipe.config, default_seed=int(time.time()),
+                                                     defaults=self.pipe.defaults)
+        except InvalidRequestError as e:
+            raise ValueError(str(e)) from None
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=8,  # the engine generates as many as its KV slots hold; the others wait in it
+    max_queued_requests=8,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
+                        "upscale_delay_s": 2, "downscale_delay_s": 30},
+)
+class Generator(_Replica):
+    """``scheduler: engine`` (the default): continuous batching. One generation engine per replica
+    (:class:`irg.serve.engine_loop.EngineLoop`) advances every request one think token or denoising
+    step per iteration, whatever their sizes, steps, rounds and CFG settings; a request joins at the
+    next iteration, one whose client goes away leaves at the next and frees its KV slots, and a
+    request whose forward fails fails alone."""
+
+    def __init__(self, model: str, device: str, dtype: str, kv_slots: int = 8, kv_slot_tokens: int | None = None):
+        from irg.pipeline.engine import GenerationEngine, context_tokens
+        from irg.pipeline.engine import kv_slots as make_slots
+        from irg.serve.engine_loop import EngineLoop
+
+        super().__init__(model, device, dtype)
+        if kv_slot_tokens is None:  # the model's default request, with a prompt of up to 256 tokens
+            kv_slot_tokens = context_tokens(self.pipe, self._request({"prompt": "a prompt"}), 256)
+        self.loop = EngineLoop(GenerationEngine(self.pipe, make_slots(self.pipe, kv_slots, kv_slot_tokens)),
+                               self._iteration)
+
+    def check(self, body: dict) -> int:
+        request = self._request(body)
+        self.loop.engine.check(request)  # a request that could never fit the KV slots: a 400 naming them
+        return request.rounds
+
+    async def generate(self, body: dict) -> dict:
+        request = self._request(body)
+        meter = self.metrics.meter([time.monotonic()], [request.batch_size])
+        outputs = await self.loop.generate(request, meter.observe)  # cancelled: leaves at the next iteration
+        return response_body(self.model_name, outputs, int(time.time()))
+
+    async def stream(self, body: dict):
+        """Yields (event, data) pairs of this request's events as the engine makes them."""
+        request = self._request(body)
+        meter = self.metrics.meter([time.monotonic()], [request.batch_size])
+        router = EventRouter([None], [request])  # think tokens become think_delta events
+
+        def route(event):
+            meter.observe(event)
+            return [item for _, item in router.route(event)]
+
+        async for item in self.loop.stream(request, route):
+            yield item
+
+    def stats(self) -> dict:
+        """Requests completed, cancelled and failed, the most prompts one iteration advanced, and the
+        KV slots (all and free)."""
+        slots = self.loop.engine.slots
+        return {**self.loop.stats(), "kv_slots": slots.num_slots, "free_kv_slots": slots.free,
+                "kv_slot_tokens": slots.slot_tokens}
+
+    def _iteration(self, prompts: int, waiting: int) -> None:
+        self.metrics.batch(prompts)
+        self.metrics.queue(waiting)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=4,  # >= max_batch_size: up to a full batch; generations themselves run one at a time
+    max_queued_requests=8,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                        "upscale_delay_s": 2, "downscale_delay_s": 30},
+    user_config=BATCHING.model_dump(),
+)
+class CallGenerator(_Replica):
+    """``scheduler: call``: one pipeline call at a time; concurrent requests of one shape (JSON ones
+    together, streams together) are merged into one call by :mod:`irg.serve.batching`, and a request
+    that arrives meanwhile waits until the call has finished every round."""
+
+    def __init__(self, model: str, device: str, dtype: str):
+        super().__init__(model, device, dtype)
+        self.lock = threading.Lock()  # the pipeline runs one generation at a time
+        self.queue_lock = threading.Lock()  # guards _Job.queued between the event loop and the pipeline's thread
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "largest_batch": 0}
+        self.waiting_streams: dict = {}
+        self.batching = BATCHING  # until reconfigure
+
+    def reconfigure(self, user_config: dict | None) -> None:
+        """Serve calls this when a replica starts and whenever the deployment's ``user_config``
+        changes: batch size and wait apply to the JSON batches and the stream batches alike."""
+        self.batching = BatchOptions.model_validate(user_config or {})
+        self._generate_batched.set_max_batch_size(self.batching.max_batch_size)
+        self._generate_batched.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
 
     async def generate(self, body: dict) -> dict:
         job = self._job(body)  # a bad body fails here, alone, before it joins a batch
@@ -256,13 +336,6 @@ class Generator:
                 job.deliver(result)
             job.deliver(_END)
 
-    def _request(self, body: dict):
-        try:
-            return GenerationBody(**body).to_request(self.pipe.config, default_seed=int(time.time()),
-                                                     defaults=self.pipe.defaults)
-        except InvalidRequestError as e:
-            raise ValueError(str(e)) from None
-
     def stats(self) -> dict:
         """Pipeline calls completed, cancelled and failed, the largest batch so far, and the batching in force."""
         return {**self.counts, **self.batching.model_dump()}
@@ -278,6 +351,7 @@ class Generator:
             self._dequeue(jobs)
             requests = [job.request for job in jobs]
             meter = self.metrics.meter([job.arrived for job in jobs], [r.batch_size for r in requests])
+            self.metrics.batch(sum(r.batch_size for r in requests))
 
             def callback(event):
                 if all(job.cancelled.is_set() for job in jobs):
@@ -471,10 +545,14 @@ def build_app(args: AppArgs) -> Application:
 def bind_app(args: AppArgs, **generator_options) -> Application:
     """The application for ``args`` with Serve deployment options (``autoscaling_config``,
     ``user_config``, ...) overriding the Generator's: for benchmarks and tests that deploy from Python."""
-    generator = Generator.options(**generator_options) if generator_options else Generator
+    if args.scheduler == "engine":
+        generator = Generator.options(**generator_options) if generator_options else Generator
+        bound = generator.bind(args.model, args.device, args.dtype, args.kv_slots, args.kv_slot_tokens)
+    else:  # one deployment name whatever the scheduler: handles, metrics and dashboards find it
+        bound = CallGenerator.options(name="Generator", **generator_options).bind(args.model, args.device, args.dtype)
     required = keys_required(args.require_api_key, _http_host())
     KeyRing.from_env(required, args.api_keys_env)  # keys required and none configured: refuse to build
-    return Ingress.bind(generator.bind(args.model, args.device, args.dtype), args.model, args.request_timeout_s,
+    return Ingress.bind(bound, args.model, args.request_timeout_s,
                         args.stream_keep_alive_s, args.image_store, args.image_url_expiry_s, required,
                         args.api_keys_env, args.budget, args.max_concurrent_per_key)
 

@@ -773,7 +773,8 @@ def test_serve_configs_name_the_app_builder_and_its_deployments():
                     f" ({sorted(classes)}); Ray rejects options for a deployment the application lacks"
                 )
             # Serve validates the args against the builder's pydantic annotation (AppArgs) before it
-            # builds anything, and Generator.reconfigure its user_config against BatchOptions.
+            # builds anything, and the call-at-a-time Generator's reconfigure its user_config against
+            # BatchOptions.
             assert re.search(r"^def \w+\(args: AppArgs\) -> Application:", source, re.MULTILINE), \
                 f"{where}: {path.relative_to(ROOT)} has no builder typed with AppArgs"
             try:
@@ -781,15 +782,22 @@ def test_serve_configs_name_the_app_builder_and_its_deployments():
             except ValidationError as e:
                 pytest.fail(f"{where}: args: {e}")
             generator = _deployment(app, "Generator")
-            assert "user_config" in generator, f"{where}: the Generator has no user_config (its batching)"
-            try:
-                batching = BatchOptions.model_validate(generator["user_config"])
-            except ValidationError as e:
-                pytest.fail(f"{where}: Generator user_config: {e}")
-            # A replica that accepts fewer requests than a batch holds never fills one.
             max_ongoing = generator.get("max_ongoing_requests")
-            assert max_ongoing is None or max_ongoing >= batching.max_batch_size, \
-                f"{where}: Generator max_ongoing_requests {max_ongoing} < max_batch_size {batching.max_batch_size}"
+            if args.scheduler == "engine":
+                # The engine has no user_config (Serve refuses one for a class without reconfigure),
+                # and a replica that accepts fewer requests than its KV slots hold never fills them.
+                assert "user_config" not in generator, f"{where}: the engine's Generator takes no user_config"
+                prompts = args.kv_slots // 2
+                assert max_ongoing is None or max_ongoing >= prompts, \
+                    f"{where}: Generator max_ongoing_requests {max_ongoing} < the {prompts} prompts its KV slots hold"
+            else:
+                try:
+                    batching = BatchOptions.model_validate(generator.get("user_config") or {})
+                except ValidationError as e:
+                    pytest.fail(f"{where}: Generator user_config: {e}")
+                # A replica that accepts fewer requests than a batch holds never fills one.
+                assert max_ongoing is None or max_ongoing >= batching.max_batch_size, \
+                    f"{where}: Generator max_ongoing_requests {max_ongoing} < max_batch_size {batching.max_batch_size}"
             # A replica on "cuda" needs a GPU reserved for it; one on "cpu" must not hold one.
             gpus = (generator.get("ray_actor_options") or {}).get("num_gpus", 0)
             if args.device.startswith("cuda"):

@@ -207,13 +207,13 @@ SMALL = {"size": "64x64", "steps": 3, "rounds": 2, "max_think_tokens": 4, "seed"
 
 @pytest.fixture
 def poisoned_generator(monkeypatch):
-    """The Generator deployment's class on the tiny model, whose pipeline fails any batch holding the
-    prompt "poison" (as a prompt that breaks the shared forward would)."""
+    """The call-at-a-time Generator deployment's class on the tiny model, whose pipeline fails any batch
+    holding the prompt "poison" (as a prompt that breaks the shared forward would)."""
     from conftest import FIXTURE_DIR
 
-    from serve_apps.irg_app import Generator
+    from serve_apps.irg_app import CallGenerator
 
-    generator = Generator.func_or_class(str(FIXTURE_DIR), "cpu", "float32")
+    generator = CallGenerator.func_or_class(str(FIXTURE_DIR), "cpu", "float32")
     generator.batching = generator.batching.model_copy(update={"batch_wait_timeout_s": 0.3})  # streams' wait
     real = generator.pipe.generate
 
@@ -230,10 +230,10 @@ def test_a_failing_json_request_fails_alone_and_its_batch_mates_get_their_images
     """The batch ``serve.batch`` hands the replica, called as it calls it. (Not through ``serve.batch``
     itself: its queue, made at the first call, lives on the class and would then keep the class from
     being pickled for the Serve apps of later tests.)"""
-    from serve_apps.irg_app import Generator
+    from serve_apps.irg_app import CallGenerator
 
     generator = poisoned_generator
-    run_batch = Generator.func_or_class._generate_batched.__wrapped__
+    run_batch = CallGenerator.func_or_class._generate_batched.__wrapped__
     jobs = [generator._job({"prompt": p, **SMALL}) for p in ("a red cube", "poison", "a blue ball")]
     cube, poison, ball = asyncio.run(run_batch(generator, jobs))
     assert isinstance(poison, RuntimeError) and "poisoned" in str(poison)
@@ -264,3 +264,51 @@ def test_a_failing_stream_fails_alone_and_its_batch_mates_restart_and_finish(poi
     assert cube[0] == "restart" and cube[-1] == "done" and cube.count("image") == 2, cube
     assert poison[0] == "restart" and isinstance(poison[-1], RuntimeError) and len(poison) == 2, poison
     assert generator.metrics._waiting == 0
+
+
+# --- the engine's replica class, in-process ----------------------------------------------------------
+
+POISON = "poison " * 12  # a prompt block longer than any other block these requests run
+
+
+@pytest.fixture
+def engine_generator(monkeypatch):
+    """The (engine) Generator deployment's class on the tiny model, whose forward fails on the blocks of
+    the prompt ``POISON`` (as a prompt that breaks a shared forward would)."""
+    from conftest import FIXTURE_DIR
+
+    from serve_apps.irg_app import Generator
+
+    generator = Generator.func_or_class(str(FIXTURE_DIR), "cpu", "float32", kv_slots=8)
+    poison_length = len(generator.pipe.wrap(POISON))
+    forward = generator.pipe.model.forward_blocks
+
+    def fragile(caches, blocks):
+        if any(block.embeds.shape[0] == poison_length for block in blocks):
+            raise RuntimeError("a poisoned block")
+        return forward(caches, blocks)
+
+    monkeypatch.setattr(generator.pipe.model, "forward_blocks", fragile)
+    yield generator
+    generator.loop.stop()
+
+
+def test_in_the_engine_a_failing_request_fails_alone_and_the_others_never_restart(engine_generator):
+    generator = engine_generator
+
+    async def consume(body):
+        return [name async for name, _ in generator.stream(body)]
+
+    async def main():
+        return await asyncio.gather(generator.generate({"prompt": "a red cube", **SMALL}),
+                                    generator.generate({"prompt": POISON, **SMALL}),
+                                    consume({"prompt": "a blue ball", **SMALL}), return_exceptions=True)
+
+    cube, poison, ball = asyncio.run(main())
+    assert isinstance(poison, RuntimeError) and "poisoned" in str(poison)
+    assert len(cube["data"][0]["rounds"]) == 2
+    assert "restart" not in ball and ball[-1] == "done" and ball.count("image") == 2, ball
+    stats = generator.stats()
+    assert (stats["completed"], stats["failed"], stats["cancelled"]) == (2, 1, 0), stats
+    assert stats["largest_batch"] >= 2 and stats["free_kv_slots"] == stats["kv_slots"] == 8, stats
+    assert generator.metrics._waiting == 0  # the queue-depth gauge is back to empty

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from irg.model import BagelConfig
 from irg.pipeline import DEFAULTS, LIMITS, GenerationDefaults, GenerationRequest, PipelineEvent, validate_request
+from irg.pipeline.settings import MAX_STEP_CACHE_INTERVAL
 
 # Serving budgets (no pipeline counterpart): what one HTTP request may ask for.
 MAX_PROMPT_CHARS = 4000
@@ -41,6 +42,9 @@ class GenerationBody(BaseModel):
     # image scale (guidance by the previous image) in rounds 2+, the only ones that have one.
     cfg_text_scale: float | None = Field(None, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
     cfg_img_scale: float | None = Field(None, ge=0, le=MAX_CFG_SCALE, allow_inf_nan=False)
+    # Step caching in every round (RoundSettings.step_cache_interval): the model runs every N-th
+    # denoising step and the steps between extrapolate it; left out, the model's setting (off).
+    step_cache: int | None = Field(None, ge=1, le=MAX_STEP_CACHE_INTERVAL)
 
     @field_validator("size")
     @classmethod
@@ -71,11 +75,12 @@ class GenerationBody(BaseModel):
                                 max_think_tokens=self.max_think_tokens, defaults=defaults)
 
     def round_settings(self, defaults: GenerationDefaults = DEFAULTS) -> list[dict] | None:
-        """Each round's CFG overrides (None: the model's settings throughout)."""
-        if self.cfg_text_scale is None and self.cfg_img_scale is None:
+        """Each round's CFG and step-cache overrides (None: the model's settings throughout)."""
+        if self.cfg_text_scale is None and self.cfg_img_scale is None and self.step_cache is None:
             return None
         rounds = self.rounds if self.rounds is not None else defaults.rounds
-        text = {} if self.cfg_text_scale is None else {"cfg_text_scale": self.cfg_text_scale}
+        every = {} if self.step_cache is None else {"step_cache_interval": self.step_cache}
+        text = every if self.cfg_text_scale is None else {**every, "cfg_text_scale": self.cfg_text_scale}
         image = {} if self.cfg_img_scale is None else {"cfg_img_scale": self.cfg_img_scale}
         return [text] + [{**text, **image}] * (rounds - 1)
 

@@ -6,7 +6,7 @@ Prometheus names (Ray prefixes ``ray_``; every series also carries Serve's ``dep
 ==========================================  ==========  =====================================================
 ``ray_irg_requests_total``                  counter     HTTP responses of the ingress, by ``route`` and ``status``
 ``ray_irg_queue_depth``                     gauge       requests in a generator replica not yet generating
-``ray_irg_batch_size``                      histogram   prompts per pipeline call
+``ray_irg_batch_size``                      histogram   prompts per engine iteration (or pipeline call)
 ``ray_irg_think_tokens_total``              counter     think and reflection tokens sampled
 ``ray_irg_think_tokens_per_second``         histogram   tokens per second of each think phase (all prompts)
 ``ray_irg_denoise_step_seconds``            histogram   seconds per denoising step of a pipeline call
@@ -42,8 +42,8 @@ class GenerationMeter:
     - ``think_tokens`` and ``think_tokens_per_s`` once per think phase, from its start (the call's
       start or the previous round's last image) to its end (the first ``think_done``), counting
       every prompt's tokens, since they are decoded together;
-    - ``denoise_step_s`` for each denoising step after a round's first (the first also holds the
-      think's prefill);
+    - ``denoise_step_s`` for each denoising step of a prompt after its round's first (the first also
+      holds the think's prefill);
     - ``time_to_first_image_s`` once per request, from ``arrivals[i]`` (the request's arrival, on
       ``clock``) to the first image of any of its ``sizes[i]`` prompts.
     """
@@ -56,7 +56,7 @@ class GenerationMeter:
         self.phase_start = clock()
         self.think_tokens = 0
         self.thinking = True
-        self.last_step: float | None = None
+        self.last_step: dict[int, float] = {}  # per prompt: the engine steps prompts side by side
 
     def observe(self, event: PipelineEvent) -> None:
         now = self.clock()
@@ -67,11 +67,11 @@ class GenerationMeter:
             if self.think_tokens:
                 self.record("think_tokens", self.think_tokens)
                 self.record("think_tokens_per_s", self.think_tokens / max(now - self.phase_start, 1e-9))
-            self.think_tokens, self.last_step = 0, None
+            self.think_tokens, self.last_step = 0, {}
         elif event.kind == "step":
-            if self.last_step is not None:
-                self.record("denoise_step_s", now - self.last_step)
-            self.last_step = now
+            if event.prompt_index in self.last_step:
+                self.record("denoise_step_s", now - self.last_step[event.prompt_index])
+            self.last_step[event.prompt_index] = now
         elif event.kind == "image":
             self.thinking, self.phase_start = True, now  # the next round's think starts after the images
             request = self.owner[event.prompt_index]
@@ -85,7 +85,8 @@ class GeneratorMetrics:
 
     def __init__(self):
         self.queue_depth = metrics.Gauge("irg_queue_depth", "Requests in the replica not yet generating")
-        self.batch_size = metrics.Histogram("irg_batch_size", "Prompts per pipeline call", BATCH_SIZES)
+        self.batch_size = metrics.Histogram("irg_batch_size", "Prompts per engine iteration (or pipeline call)",
+                                            BATCH_SIZES)
         self.think_tokens = metrics.Counter("irg_think_tokens", "Think and reflection tokens sampled")
         self.think_speed = metrics.Histogram("irg_think_tokens_per_second",
                                              "Think tokens per second of a think phase (all prompts)", TOKENS_PER_S)
@@ -102,9 +103,19 @@ class GeneratorMetrics:
             self._waiting += change
             self.queue_depth.set(self._waiting)
 
+    def queue(self, depth: int) -> None:
+        """``depth`` requests wait to start (the engine's count after an iteration)."""
+        with self._lock:
+            self._waiting = depth
+            self.queue_depth.set(depth)
+
+    def batch(self, prompts: int) -> None:
+        """One engine iteration (or pipeline call) advanced ``prompts`` prompts."""
+        self.batch_size.observe(prompts)
+
     def meter(self, arrivals: Sequence[float], sizes: Sequence[int]) -> GenerationMeter:
-        """The meter of one pipeline call over requests that arrived at ``arrivals`` (``time.monotonic``)."""
-        self.batch_size.observe(sum(sizes))
+        """The meter of requests that arrived at ``arrivals`` (``time.monotonic``) and generate together
+        (one request in the engine; a pipeline call's requests otherwise)."""
         return GenerationMeter(arrivals, sizes, self._record)
 
     def _record(self, name: str, value: float) -> None:

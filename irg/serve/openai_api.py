@@ -5,7 +5,7 @@ A body takes OpenAI's fields (``model``, ``prompt``, ``n``, ``size``, ``response
 ``output_format``, ``output_compression``, ``quality``, ``style``, ``background``, ``user``,
 ``safety_identifier``, ``stream``, ``partial_images``) and IRG's own, which the client sends through
 ``extra_body`` (``steps``, ``rounds``, ``seed``, ``max_think_tokens``, ``cfg_text_scale``,
-``cfg_img_scale``: the fields of :class:`irg.serve.api.GenerationBody`, so a native body is a valid
+``cfg_img_scale``, ``step_cache``: the fields of :class:`irg.serve.api.GenerationBody`, so a native body is a valid
 one too). ``quality``, ``style``, ``user`` and ``safety_identifier`` take the values OpenAI allows
 and do not change the generation (steps and rounds set the effort); ``background`` takes ``auto`` or
 ``opaque``. A field that cannot be honoured (an unknown one, a value outside OpenAI's set or IRG's

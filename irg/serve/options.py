@@ -4,12 +4,15 @@
 ``args`` give the application builder: Serve validates them against it before building anything, so
 an unknown argument or a device or dtype name that :mod:`irg.device` does not know is refused with
 the field's name instead of failing later in a replica. Whether a CUDA device is really there is
-still only known where a replica starts. :class:`BatchOptions` is the ``Generator`` deployment's
-``user_config``: Serve applies a change of it to running replicas (``reconfigure``), no restart.
+still only known where a replica starts. :class:`BatchOptions` is the ``user_config`` of the
+``Generator`` deployment when it runs one pipeline call at a time (``scheduler: call``): Serve applies
+a change of it to running replicas (``reconfigure``), no restart.
 No Ray here.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -46,6 +49,16 @@ class AppArgs(BaseModel):
     max_request_pixel_steps: int | None = Field(DEFAULT_MAX_REQUEST_PIXEL_STEPS, ge=1)  # n*width*height*steps*rounds
     max_think_tokens_per_request: int | None = Field(DEFAULT_MAX_THINK_TOKENS_PER_REQUEST, ge=1)  # n*tokens*rounds
     max_concurrent_per_key: int | None = Field(DEFAULT_MAX_CONCURRENT_PER_KEY, ge=1)
+    # How a replica schedules its requests: "engine" advances every request one think token or
+    # denoising step per iteration and admits new ones between iterations (irg.serve.engine_loop);
+    # "call" runs one pipeline call at a time, same-shape requests batched by the user_config's
+    # BatchOptions (the earlier scheduler, kept for comparison: benchmarks/serve_load.py).
+    scheduler: Literal["engine", "call"] = "engine"
+    # The engine's KV memory, allocated when a replica starts: kv_slots contexts of kv_slot_tokens
+    # each (a prompt holds one slot, two from its second round); None sizes a slot for the model's
+    # default request with a 256-token prompt. A request whose contexts could not fit gets a 400.
+    kv_slots: int = Field(8, ge=1)
+    kv_slot_tokens: int | None = Field(None, ge=64)
 
     @property
     def budget(self) -> Budget:
