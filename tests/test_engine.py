@@ -72,16 +72,17 @@ def test_requests_of_different_shapes_share_forwards_and_each_gets_what_it_gets_
         dict(prompt="three yellow stars", seed=3, num_steps=5, rounds=3, think_temperature=0.0,
              think_texts=["a plan", None, None]),
     ]
-    alone, iterations_alone = [], 0
+    alone, iterations_alone = [], []
     for kind in kinds:
         engine = engine_for(pipe)
         alone.append(engine.run(engine.submit(request(pipe, **kind))))
-        iterations_alone += engine.iterations
+        iterations_alone.append(engine.iterations)
     engine = engine_for(pipe)
     together = [engine.submit(request(pipe, **kind)) for kind in kinds]
     while not engine.idle:
         engine.step()
-    assert engine.iterations < 0.6 * iterations_alone  # the forwards were shared
+    # the forwards were shared: fewer than the three alone took together, no fewer than the longest took
+    assert max(iterations_alone) <= engine.iterations < 0.7 * sum(iterations_alone), iterations_alone
     for solo, generation in zip(alone, together):
         (mine,), (theirs,) = solo, generation.result()
         assert mine.texts == theirs.texts

@@ -3,14 +3,16 @@
 A trajectory is one prompt's way through think, draw, reflect, draw again; it is always in one phase:
 
     PROMPT -> THINK (a token per iteration) -> APPEND_THINK -> DENOISE (a step per iteration)
-           -> FEED_VAE -> FEED_VIT -> THINK (the reflection) -> ... -> DONE
+           -> DECODE -> ENCODE -> FEED_VAE -> FEED_VIT -> THINK (the reflection) -> ... -> DONE
 
 In each iteration every live trajectory contributes the blocks of its phase (a think token, a
 denoising step with its CFG branches, a prompt or think to prefill, an image to feed back) and all of
 them run as one packed model forward (:meth:`irg.model.Bagel.forward_blocks`), whatever the
 trajectories' sizes, steps, rounds and CFG settings. Requests join at the next iteration and a
 cancelled one leaves at the next, so a server runs one engine in one loop (continuous batching), and
-:class:`~irg.pipeline.IRGPipeline` runs each call as such a loop.
+:class:`~irg.pipeline.IRGPipeline` runs each call as such a loop. A round's image work (decoding its
+latents, encoding the image again for the autoencoder and the ViT: DECODE, ENCODE) runs in a thread
+of its own (on CUDA, its own stream) while the others' iterations go on, instead of stalling them.
 
 Per prompt the engine keeps three contexts as KV caches (extending a cache never changes it, so
 contexts share prefixes for free):
@@ -30,6 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -70,6 +73,8 @@ class Phase(enum.Enum):
     THINK = "think"  # one think token per iteration
     APPEND_THINK = "append_think"  # the whole think is prefilled into main (and text_only)
     DENOISE = "denoise"  # one denoising step per iteration
+    DECODE = "decode"  # the latents are decoded into the image, off the iteration loop
+    ENCODE = "encode"  # the image is encoded (autoencoder, ViT) to be fed back, off the loop
     FEED_VAE = "feed_vae"  # the round's image goes back as clean VAE latents
     FEED_VIT = "feed_vit"  # then as ViT tokens
     DONE = "done"
@@ -168,8 +173,9 @@ class _Trajectory:
     grid: tuple[int, int] = (0, 0)
     position_ids: torch.Tensor | None = None
     slots: list[int] = field(default_factory=list)  # KV slots held: main's, then text_only's from round 2
-    feed_pixels: torch.Tensor | None = None  # the round's image, to be fed back
-    feed_noise: torch.Tensor | None = None
+    job: Future | None = None  # the image work of DECODE or ENCODE
+    latent: torch.Tensor | None = None  # the round's final latents, while they are decoded
+    fed: tuple | None = None  # the encoded image: VAE latent tokens, their positions, ViT tokens
     round_start: float = 0.0
     think_end: float = 0.0
 
@@ -203,11 +209,17 @@ class GenerationEngine:
         if slot_decode is None:
             slot_decode = slots is not None and pipe.device.type == "cuda"
         self.decoder = SlotDecoder(self.model, slots, cuda_graphs=True) if slot_decode and slots else None
+        self._images = ThreadPoolExecutor(1, thread_name_prefix="irg-images")
+        self._image_stream = torch.cuda.Stream(pipe.device) if pipe.device.type == "cuda" else None
         self._pending: deque[Generation] = deque()
         self._pending_lock = threading.Lock()
         self._live: list[_Trajectory] = []
         self.iterations = 0
         self.last_batch = 0  # prompts the last iteration advanced
+
+    def close(self) -> None:
+        """Stop the image thread."""
+        self._images.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ requests
 
@@ -264,12 +276,31 @@ class GenerationEngine:
         self._admit()
         if not self._live:
             return False
+        runnable = self._ready()
+        if not runnable:  # every live prompt waits for its image work: wait for the first to finish
+            wait([t.job for t in self._live if t.job is not None], timeout=0.05, return_when=FIRST_COMPLETED)
+            return True
         self.iterations += 1
-        self.last_batch = len(self._live)
-        for generation in {t.generation for t in self._live}:
+        self.last_batch = len(runnable)
+        for generation in {t.generation for t in runnable}:
             generation.iterations += 1
-        self._advance(list(self._live))
+        self._advance(runnable)
         return True
+
+    def _ready(self) -> list[_Trajectory]:
+        """The live trajectories with something to run: finished image work is taken first (a decoded
+        image is the round's; an encoded one goes back into the context)."""
+        for t in [t for t in self._live if t.job is not None and t.job.done()]:
+            job, t.job = t.job, None
+            try:
+                result = job.result()
+                if t.phase is Phase.DECODE:
+                    self._end_image(t, result, t.latent)
+                else:
+                    t.fed, t.phase = result, Phase.FEED_VAE
+            except Exception as error:  # noqa: BLE001 - the image work or a callback fails its own request
+                self._finish(t.generation, error)
+        return [t for t in self._live if t.job is None]
 
     def _drop_cancelled(self) -> None:
         for generation in {t.generation for t in self._live if t.generation.cancelled}:
@@ -397,17 +428,10 @@ class GenerationEngine:
             contexts = [t.main] + [t.text_cfg] * need_text + [t.text_only] * need_img
             return [(c, model.noised_latent_block(c, t.x, time_now, t.position_ids)) for c in contexts]
         if t.phase is Phase.FEED_VAE:
-            latent = pipe.autoencoder.encode(t.feed_pixels[None], noise=t.feed_noise[None].to(pipe.dtype))[0]
-            patch = self.config.latent_patch_size
-            grid = (latent.shape[1] // patch, latent.shape[2] // patch)
-            positions = grid_position_ids(*grid, self.config.max_latent_size, device=pipe.device)
-            return [(t.main, model.vae_image_block(t.main, patchify_latent(latent, patch), positions))]
+            tokens, positions, _ = t.fed
+            return [(t.main, model.vae_image_block(t.main, tokens, positions))]
         if t.phase is Phase.FEED_VIT:
-            image = t.output.images[t.round]
-            patches, positions = patchify_image(ImageTransform(*t.request.vit_transform)(image),
-                                                self.config.vit.patch_size, self.config.vit_max_num_patch_per_side)
-            (embeds,) = model.vit_embeds([patches.to(pipe.device, pipe.dtype)], [positions.to(pipe.device)])
-            return [(t.main, model.image_block(t.main, embeds, generation_expert=False))]
+            return [(t.main, model.image_block(t.main, t.fed[2], generation_expert=False))]
         raise AssertionError(f"a trajectory in phase {t.phase} has nothing to run")
 
     def _commit(self, t: _Trajectory, hidden: list[torch.Tensor], extended: list[KVCache | None],
@@ -426,9 +450,8 @@ class GenerationEngine:
             self._take_step(t, hidden)
         elif t.phase is Phase.FEED_VAE:
             t.main, t.phase = extended[0], Phase.FEED_VIT
-            t.feed_pixels = t.feed_noise = None
         elif t.phase is Phase.FEED_VIT:
-            t.main = extended[0]
+            t.main, t.fed = extended[0], None
             t.text_cfg = t.main  # the next image's text-unconditional context: everything but the reflection
             t.round += 1
             t.round_start = time.perf_counter()
@@ -509,8 +532,8 @@ class GenerationEngine:
         t.step += 1
         t.generation.emit(PipelineEvent("step", t.round, t.index, step=t.step, num_steps=evaluations, detail=detail))
         if t.step == evaluations:
-            latent = t.x
-            self._end_image(t, self.pipe.decode_latents(latent[None], t.grid)[0], latent.cpu())
+            t.latent, t.phase = t.x.cpu(), Phase.DECODE
+            t.job = self._image_work(lambda x, grid: self.pipe.decode_latents(x, grid)[0], t.x[None], t.grid)
 
     @staticmethod
     def _extrapolated(t: _Trajectory, time_now: float, order: int) -> dict:
@@ -535,14 +558,44 @@ class GenerationEngine:
         if t.round + 1 == request.rounds:
             self._retire(t)
             return
-        pixels = ImageTransform(*request.vae_transform)(image).to(self.pipe.device, self.pipe.dtype)
+        width, height = ImageTransform(*request.vae_transform).target_size(*image.size)
         ae = self.config.ae
-        shape = (ae.z_channels, pixels.shape[1] // ae.downsample, pixels.shape[2] // ae.downsample)
+        shape = (ae.z_channels, height // ae.downsample, width // ae.downsample)
         given = request.vae_encode_noise[t.round]
         if given is not None and given.shape[0] == 1:
             given = given[0]
-        t.feed_pixels, t.feed_noise = pixels, self.pipe.noise(given, t.index, shape, t.generator)
-        t.phase = Phase.FEED_VAE
+        noise = self.pipe.noise(given, t.index, shape, t.generator)  # drawn here, in the prompt's order of draws
+        t.latent, t.phase = None, Phase.ENCODE
+        t.job = self._image_work(self._encode, image, request, noise)
+
+    def _image_work(self, fn, *args) -> Future:
+        """``fn(*args)`` in the image thread (on CUDA in its own stream, finished before the result is
+        taken), so a round's decode or encode does not stall the other prompts' iterations."""
+        def run():
+            with torch.no_grad():
+                if self._image_stream is None:
+                    return fn(*args)
+                self._image_stream.wait_stream(torch.cuda.default_stream(self._image_stream.device))
+                with torch.cuda.stream(self._image_stream):
+                    result = fn(*args)
+                self._image_stream.synchronize()
+                return result
+
+        return self._images.submit(run)
+
+    def _encode(self, image: Image.Image, request: GenerationRequest, noise: torch.Tensor) -> tuple:
+        """A round's image as its context takes it back: clean VAE latent tokens and their positions,
+        then ViT tokens."""
+        pipe, config = self.pipe, self.config
+        pixels = ImageTransform(*request.vae_transform)(image).to(pipe.device, pipe.dtype)
+        latent = pipe.autoencoder.encode(pixels[None], noise=noise[None].to(pipe.dtype))[0]
+        patch = config.latent_patch_size
+        grid = (latent.shape[1] // patch, latent.shape[2] // patch)
+        positions = grid_position_ids(*grid, config.max_latent_size, device=pipe.device)
+        patches, vit_positions = patchify_image(ImageTransform(*request.vit_transform)(image),
+                                                config.vit.patch_size, config.vit_max_num_patch_per_side)
+        (vit,) = self.model.vit_embeds([patches.to(pipe.device, pipe.dtype)], [vit_positions.to(pipe.device)])
+        return patchify_latent(latent, patch), positions, vit
 
     # ------------------------------------------------------------------ endings
 
@@ -576,7 +629,10 @@ class GenerationEngine:
 
     def _release(self, t: _Trajectory) -> None:
         """``t`` holds no cache any more; its slots are free for the next request."""
-        t.main = t.text_cfg = t.text_only = t.decoding = None
+        if t.job is not None:  # image work nobody will take
+            t.job.cancel()
+            t.job = None
+        t.main = t.text_cfg = t.text_only = t.decoding = t.fed = None
         if t.slots:
             self.slots.release(t.slots)
             t.slots = []

@@ -99,7 +99,10 @@ class IRGPipeline:
         generation and is raised here. The request's contexts live in KV slots made for it."""
         slots = kv_slots(self, request.batch_size * slots_per_prompt(request), longest_context(self, request))
         engine = GenerationEngine(self, slots)
-        return engine.run(engine.submit(request, callback))
+        try:
+            return engine.run(engine.submit(request, callback))
+        finally:
+            engine.close()
 
     # ------------------------------------------------------------------ what the engine uses
 
