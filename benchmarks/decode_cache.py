@@ -1,12 +1,17 @@
-"""Decode cost against context length: the KV cache extended in place versus by concatenation.
+"""Decode cost against context length: the KV cache in slots and extended in place versus by concatenation.
 
 Prints one JSON object to stdout (progress goes to stderr). For each context length, a random-weight
 model of ``--preset`` prefills that many tokens, then decodes ``--tokens`` more one at a time, and
 the benchmark reports per decode token the median time and the bytes the step allocates (every
 op's allocations as torch's profiler records them, in a separate pass). ``in_place`` is IRG's cache
-(:class:`irg.model.attention.LayerKV`: new rows written after the context's own); ``concatenation``
-replays what the cache did before (every layer's keys and values copied into a new tensor one row
-longer at every token), so the two columns differ only in the cache. No Ray; no checkpoint needed.
+(:class:`irg.model.attention.LayerKV`: new rows written after the context's own, in memory of its
+own that doubles when full); ``slot`` the same context in a preallocated KV slot
+(:class:`irg.model.attention.KVSlots`, what the generation engine serves from: it never reallocates);
+``slot_static`` the engine's static-shape decode over that slot (:class:`irg.model.slot_decode.
+SlotDecoder`, what CUDA graphs replay; eager here unless on CUDA), which reads the whole slot under a
+mask, so its cost follows the slot's size (here each context's, plus the decoded tokens), not the
+context's; ``concatenation`` replays what the cache did before (every layer's keys and values copied
+into a new tensor one row longer at every token). No Ray; no checkpoint needed.
 
     PYTHONPATH=. python benchmarks/decode_cache.py                          # shapes preset, CPU, ~2 min
     PYTHONPATH=. python benchmarks/decode_cache.py --preset mot-1.5b --device cuda --contexts 1000 4000
@@ -27,8 +32,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from irg.device import DEVICE_HELP, DTYPE_CHOICES, resolve_device, resolve_dtype
 from irg.model import Bagel, KVCache, get_config
-from irg.model.attention import LayerKV
+from irg.model.attention import KVSlots, LayerKV
 from irg.model.config import PRESETS
+from irg.model.slot_decode import SlotDecoder
+
+MODES = ("in_place", "slot", "slot_static", "concatenation")
 
 
 def log(msg: str) -> None:
@@ -70,23 +78,48 @@ def context(model: Bagel, length: int, device) -> KVCache:
     return cache
 
 
-def measure(model: Bagel, length: int, args, device, sync) -> dict:
+def decoder_for(mode: str, model: Bagel, cache: KVCache, args, device):
+    """The context to decode from in ``mode`` and a step: context -> the context one token longer."""
     token = torch.tensor([5], device=device)
-    cache = context(model, length, device)
+
+    def packed(cache):
+        return model.decode_step([cache], token)[1][0]
+
+    if mode in ("in_place", "concatenation"):
+        return cache, packed
+    llm = model.config.llm
+    slots = KVSlots(1, cache.length + 2 * (args.warmup + args.tokens) + 1, llm.num_hidden_layers,
+                    llm.num_key_value_heads, llm.head_dim, device, model.vae2llm.weight.dtype)
+    in_slot = slots.context(slots.claim()[0], cache)
+    if mode == "slot":
+        return in_slot, packed
+    decoder = SlotDecoder(model, slots, cuda_graphs=device.type == "cuda")
+    slot_ids = torch.tensor([0], device=device)
+
+    def static(cache):
+        at = torch.tensor([cache.length], device=device)
+        decoder(token, slot_ids, at, at)
+        return slots.appended(cache)
+
+    return in_slot, static
+
+
+def measure(model: Bagel, mode: str, length: int, args, device, sync) -> dict:
+    cache, step = decoder_for(mode, model, context(model, length, device), args, device)
     for _ in range(args.warmup):
-        _, (cache,) = model.decode_step([cache], token)
+        cache = step(cache)
     times = []
     for _ in range(args.tokens):
         sync()
         start = time.perf_counter()
-        _, (cache,) = model.decode_step([cache], token)
+        cache = step(cache)
         sync()
         times.append(time.perf_counter() - start)
     state = {"cache": cache}
 
     def decode():
         for _ in range(args.tokens):
-            _, (state["cache"],) = model.decode_step([state["cache"]], token)
+            state["cache"] = step(state["cache"])
 
     return {"ms_per_token": round(statistics.median(times) * 1e3, 3),
             "allocated_bytes_per_token": allocated_bytes(decode, device) // args.tokens}
@@ -101,12 +134,12 @@ def main(args) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     llm = config.llm
     kv_row_bytes = 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * torch.finfo(dtype).bits // 8
-    results: dict = {"in_place": {}, "concatenation": {}}
+    results: dict = {mode: {} for mode in MODES}
     with torch.no_grad():
         for mode in results:
             with cache_mode(mode):
                 for length in args.contexts:
-                    results[mode][str(length)] = measure(model, length, args, device, sync)
+                    results[mode][str(length)] = measure(model, mode, length, args, device, sync)
                     log(f"{mode:>13}: context {length:>5}: {results[mode][str(length)]}")
     growth = {}
     for mode, by_length in results.items():

@@ -362,9 +362,16 @@ class GenerationEngine:
                 self._advance([t for t in trajectories if t.generation is generation])
             return
         logits = self._think_logits(packed, plans, hidden)
-        results = {id(t): (hidden[own], extended[own], logits.get(id(t)))
+        results = {id(t): (hidden[own], extended[own], None)
                    for t, own in zip(packed, _slices(len(plan) for plan in plans))}
-        results.update({key: ([], [cache], row) for key, (row, cache) in decoded.items()})
+        results.update({key: ([], [cache], None) for key, (_, cache) in decoded.items()})
+        logits.update({key: row for key, (row, _) in decoded.items()})
+        if logits:  # every think token of the iteration sampled at once, each row with its own generator
+            thinking = [t for t in trajectories if id(t) in logits]
+            tokens = next_tokens(torch.stack([logits[id(t)] for t in thinking]),
+                                 [t.request.think_temperature for t in thinking], [t.generator for t in thinking])
+            for t, token in zip(thinking, tokens):
+                results[id(t)] = (*results[id(t)][:2], token)
         for trajectory in trajectories:
             if trajectory.generation.done:  # its request failed earlier in this loop
                 continue
@@ -435,13 +442,13 @@ class GenerationEngine:
         raise AssertionError(f"a trajectory in phase {t.phase} has nothing to run")
 
     def _commit(self, t: _Trajectory, hidden: list[torch.Tensor], extended: list[KVCache | None],
-                logits: torch.Tensor | None) -> None:
+                token: int | None) -> None:
         """Take this iteration's result and move ``t`` on."""
         if t.phase is Phase.PROMPT:
             t.main = extended[0]
             self._start_round(t)
         elif t.phase is Phase.THINK:
-            self._take_token(t, logits, extended[0])
+            self._take_token(t, token, extended[0])
         elif t.phase is Phase.APPEND_THINK:
             t.main = extended[0]
             t.text_only = extended[0] if t.round == 0 else extended[1]
@@ -464,8 +471,7 @@ class GenerationEngine:
         else:
             self._end_think(t, given)
 
-    def _take_token(self, t: _Trajectory, logits: torch.Tensor, decoding: KVCache) -> None:
-        (token,) = next_tokens(logits[None], t.request.think_temperature, [t.generator])
+    def _take_token(self, t: _Trajectory, token: int, decoding: KVCache) -> None:
         if token == self.pipe.im_end:
             self._end_think(t, self.pipe.tokenizer.decode(t.think_ids))
             return

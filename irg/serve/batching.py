@@ -1,4 +1,5 @@
-"""Batching policy of the generator service: which requests may share one pipeline call, and how each
+"""Batching policy of the call-at-a-time generator (``scheduler: call``; the default, the engine,
+needs none of it but :class:`EventRouter`): which requests may share one pipeline call, and how each
 one gets back exactly its own outputs and events.
 
 A pipeline call takes a batch of prompts whose denoising passes share every forward, so a replica

@@ -87,13 +87,14 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stopping:
+            iterations = self.engine.iterations
             try:
                 busy = self.engine.step()
             except Exception:  # the engine isolates requests; this only keeps the loop alive
                 log.exception("an engine iteration failed")
                 time.sleep(0.1)
                 continue
-            if busy:
+            if self.engine.iterations > iterations:  # not a wait for image work
                 self.counts["largest_batch"] = max(self.counts["largest_batch"], self.engine.last_batch)
                 if self.on_iteration is not None:
                     self.on_iteration(self.engine.last_batch, self.engine.waiting)
