@@ -60,7 +60,7 @@ def _extended_by_concatenation(self: LayerKV, keys: torch.Tensor, values: torch.
 @contextlib.contextmanager
 def cache_mode(mode: str):
     """``concatenation``: the cache's extension replaced by the copy it used to make; else IRG's as it is."""
-    if mode == "in_place":
+    if mode != "concatenation":
         yield
         return
     original = LayerKV.extended
