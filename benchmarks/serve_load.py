@@ -22,8 +22,10 @@ failure, and a healthy run has none.
 
     PYTHONPATH=. python benchmarks/serve_load.py                              # defaults: ~1.5 min on 2 cores
     PYTHONPATH=. python benchmarks/serve_load.py --clients 16 --seconds 60 --max-replicas 3 --cpus 4
-    PYTHONPATH=. python benchmarks/serve_load.py --scheduler both --rate 0.3 --seconds 120 \
-        --min-replicas 1 --max-replicas 1      # the engine against one call at a time, Poisson arrivals
+    # the engine against one call at a time, the same Poisson arrivals, one replica, the shapes model
+    # (results/serve_load_engine_vs_call_cpu_shapes.json, ~9 min on 2 cores):
+    PYTHONPATH=. python benchmarks/serve_load.py --scheduler both --model irg:shapes --rate 0.38 --seconds 200 \
+        --max-think-tokens 400 --min-replicas 1 --max-replicas 1 --cooldown 0 --cpus 2
 """
 
 from __future__ import annotations

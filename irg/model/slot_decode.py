@@ -78,7 +78,8 @@ class SlotDecoder:
                 self._step(**static, span=span)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the engine's image thread may launch work while this thread captures
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._step(**static, span=span)
         self._pool = graph.pool()
         return graph, static, logits
