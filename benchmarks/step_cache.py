@@ -8,8 +8,8 @@ scored by the shapes world's GenEval rules; per setting the report gives the ove
 round (mean of the category means) with its 95 % bootstrap interval, the paired difference to no
 caching with its interval, how many final images changed their verdict either way, the model
 evaluations per image and the wall time of generation alone. Writes report.json and grid.png (rows:
-prompts; columns: round 2 without caching, then with each interval) to --out, prints the report as
-JSON; progress goes to stderr.
+prompts; columns: round 2 without caching, then with each interval) to --out and logs them to MLflow
+(experiment irg-eval) unless --no-mlflow, prints the report as JSON; progress goes to stderr.
 
     PYTHONPATH=. python benchmarks/step_cache.py irg:shapes --limit 120 --intervals 2 3
 """
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--grid-prompts", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("out/benchmarks/step_cache"))
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--tracking-uri", help="default: as irg.tracking decides ($MLFLOW_TRACKING_URI, ...)")
     args = parser.parse_args()
     if args.limit < 1 or any(i < 2 for i in args.intervals):
         parser.error("--limit must be >= 1 and every --intervals value >= 2 (1 is caching off)")
@@ -117,7 +119,8 @@ def main() -> None:
         settings["off" if interval == 1 else f"interval_{interval}"] = entry
     args.out.mkdir(parents=True, exist_ok=True)
     columns = [[o.images[-1] for o in run["outputs"]] for run in runs.values()]
-    grid(columns, args.grid_prompts).save(args.out / "grid.png")
+    picture = grid(columns, args.grid_prompts)
+    picture.save(args.out / "grid.png")
     report = {
         "benchmark": "step_cache", "model": args.model, "prompts": len(prompts), "seed": args.seed,
         "batch_size": args.batch_size, "device": str(pipe.device), "dtype": dtype_name(pipe.dtype),
@@ -127,6 +130,19 @@ def main() -> None:
         "settings": settings, "grid": str(args.out / "grid.png"),
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    if not args.no_mlflow:
+        from irg import tracking
+        from irg.eval.run import EXPERIMENT
+
+        metrics = {f"{name}_{key}": value for name, entry in settings.items()
+                   for key, value in (("speedup", entry["speedup"]),
+                                      ("final_score", entry["rounds"][f"round{len(entry['rounds'])}"]["value"]))}
+        key = f"step_cache-{args.model.rstrip('/').rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        report["mlflow_run_id"] = tracking.log_measurement(
+            EXPERIMENT, key, {"irg.eval.model": args.model, "irg.eval.benchmark": "step_cache"},
+            {"model": args.model, "limit": str(args.limit), "intervals": json.dumps(args.intervals),
+             "seed": str(args.seed)}, metrics, {"report.json": report}, {"grid.png": picture}, args.tracking_uri)
+        log(f"MLflow run {report['mlflow_run_id']}")
     print(json.dumps(report, indent=1))
 
 

@@ -187,6 +187,30 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status)
 
 
+def log_measurement(experiment: str, key: str, tags: dict[str, str], params: dict[str, str],
+                    metrics: dict[str, float], files: dict[str, dict], images: dict[str, Image.Image],
+                    tracking_uri: str | None = None) -> str:
+    """One finished measurement (a benchmark's report) as a new run ``key`` of ``experiment``: params,
+    metrics at step 0, JSON files and PNGs; the run is FAILED if logging fails. Returns its id."""
+    store = storage.configured_store()
+    config = TrackingConfig(tracking_uri=tracking_uri, experiment=experiment)
+    uri = configure(config, store=store)
+    client = MlflowClient(uri)
+    logger = RunLogger(uri, find_or_create_run(client, experiment_id(client, config, store), key, tags=tags))
+    try:
+        logger.log_params(params)
+        logger.log_metrics(metrics, step=0)
+        for name, data in files.items():
+            logger.log_dict(data, name)
+        for name, image in images.items():
+            logger.log_image(image, name)
+    except BaseException:
+        logger.finish("FAILED")
+        raise
+    logger.finish("FINISHED")
+    return logger.run_id
+
+
 class BestEffortLogger(RunLogger):
     """The logger training uses: an MLflow outage (a restart, a network blip) must not raise inside a
     worker, where Ray Train would restart the whole group and use up ``max_failures``.

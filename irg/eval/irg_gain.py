@@ -309,27 +309,12 @@ def log_gain_run(result: GainResult, grid: Image.Image, model: str, tracking_uri
                  params: dict | None = None) -> str:
     """Log a measurement as a new run of the evaluation experiment: metrics, the report and the
     per-prompt texts as JSON, the grid PNG. Returns the run id."""
-    from mlflow import MlflowClient
-
-    from irg import storage, tracking
+    from irg import tracking
     from irg.eval.run import EXPERIMENT
 
-    store = storage.configured_store()
-    config = tracking.TrackingConfig(tracking_uri=tracking_uri, experiment=EXPERIMENT)
-    uri = tracking.configure(config, store=store)
-    client = MlflowClient(uri)
-    experiment = tracking.experiment_id(client, config, store)
     key = f"{BENCHMARK}-{model.rstrip('/').rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"irg.eval.model": model, "irg.eval.benchmark": BENCHMARK, "irg.eval.scorer": "shapes"}
-    logger = tracking.RunLogger(uri, tracking.find_or_create_run(client, experiment, key, tags=tags))
-    try:
-        logger.log_params({"model": model, **{k: json.dumps(v) for k, v in (params or {}).items()}})
-        logger.log_metrics(gain_metrics(result.report), step=0)
-        logger.log_dict(result.report, "report.json")
-        logger.log_dict({"prompts": [r.to_dict() for r in result.rows]}, "prompts.json")
-        logger.log_image(grid, "grid.png")
-    except BaseException:
-        logger.finish("FAILED")
-        raise
-    logger.finish("FINISHED")
-    return logger.run_id
+    params = {"model": model, **{k: json.dumps(v) for k, v in (params or {}).items()}}
+    files = {"report.json": result.report, "prompts.json": {"prompts": [r.to_dict() for r in result.rows]}}
+    return tracking.log_measurement(EXPERIMENT, key, tags, params, gain_metrics(result.report), files,
+                                    {"grid.png": grid}, tracking_uri)

@@ -270,8 +270,9 @@ class GenerationEngine:
 
     @torch.no_grad()
     def step(self) -> bool:
-        """One iteration: drop cancelled requests, admit waiting ones, advance every live trajectory by
-        one phase step in one packed forward. Returns whether any work was done."""
+        """One iteration: drop cancelled requests, admit waiting ones, advance every live trajectory that
+        is not waiting for its image work by one phase step in one packed forward (or, when all are
+        waiting, wait a little for the first). Returns whether there was anything to do."""
         self._drop_cancelled()
         self._admit()
         if not self._live:
@@ -291,6 +292,8 @@ class GenerationEngine:
         """The live trajectories with something to run: finished image work is taken first (a decoded
         image is the round's; an encoded one goes back into the context)."""
         for t in [t for t in self._live if t.job is not None and t.job.done()]:
+            if t.generation.done:  # its request failed earlier in this loop
+                continue
             job, t.job = t.job, None
             try:
                 result = job.result()
