@@ -219,6 +219,21 @@ def test_think_tokens_decoded_with_static_shapes_in_slots_match_the_packed_forwa
             torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
 
 
+def test_a_failing_static_decoder_leaves_the_think_to_the_packed_forward(pipe, caplog):
+    kind = dict(prompt="a red cube", seed=1, think_temperature=0.0, max_think_tokens=8, rounds=1)
+    engine = GenerationEngine(pipe, kv_slots(pipe, 4, 1024), slot_decode=True)
+
+    def broken(*args):
+        raise RuntimeError("graph capture failed")
+
+    engine.decoder._step = broken
+    (out,) = engine.run(engine.submit(request(pipe, **kind)))
+    packed = GenerationEngine(pipe, kv_slots(pipe, 4, 1024), slot_decode=False)
+    (expected,) = packed.run(packed.submit(request(pipe, **kind)))
+    assert engine.decoder is None and "static-shape decoder failed" in caplog.text
+    assert out.texts == expected.texts and len(out.texts[0]) > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decode_gives_the_eager_tokens(fixture_dir):

@@ -397,9 +397,14 @@ class GenerationEngine:
         def column(values):
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        logits = self.decoder(column([t.next_token for t, _ in thinking]), column([slot for _, slot in thinking]),
-                              column([t.decoding.length for t, _ in thinking]),
-                              column([t.decoding.position for t, _ in thinking]))
+        try:
+            logits = self.decoder(column([t.next_token for t, _ in thinking]), column([slot for _, slot in thinking]),
+                                  column([t.decoding.length for t, _ in thinking]),
+                                  column([t.decoding.position for t, _ in thinking]))
+        except Exception:  # noqa: BLE001 - a faster path that fails (a graph capture): the packed one remains
+            log.exception("the static-shape decoder failed; think tokens decode in the packed forward from now on")
+            self.decoder = None
+            return {}
         return {id(t): (row, self.slots.appended(t.decoding)) for (t, _), row in zip(thinking, logits)}
 
     def _think_logits(self, trajectories, plans, hidden) -> dict[int, torch.Tensor]:
