@@ -10,18 +10,18 @@ image as ``b64_json`` or ``url``, its ``revised_prompt``, and the think texts an
 step, image, done), ``GET /healthz``, ``GET /v1/models``, ``GET /v1/limits`` (each body field's default and
 bounds). Bodies are checked before any model work and a bad one gets a 4xx naming the field. The
 builder's args are :class:`irg.serve.options.AppArgs` (Serve validates them before building).
-Concurrent requests of the same shape (JSON ones together, streams together) are batched into one
-pipeline call, by the policy of :mod:`irg.serve.batching`; the ``Generator``'s ``user_config``
-(:class:`irg.serve.options.BatchOptions`) sets how many and how long to wait, changeable without a
-restart. A replica runs one pipeline call at a time, holds up to ``max_ongoing_requests``, Serve
-queues ``max_queued_requests`` more and answers 503 beyond that. A client that disconnects stops its
-generation at the next step, a JSON request that times out or whose client disconnects too (once
-every request of its batch is gone). ``/v1/*`` asks for an API key (``Authorization: Bearer``,
-:mod:`irg.serve.auth`) when the app requires one, and refuses a request over its compute budget or
-a key's concurrency (:mod:`irg.serve.budget`) before any model work. A shared pipeline call that
-fails runs each of its requests again alone (:func:`irg.serve.batching.run_isolated`); clients read
-errors through :mod:`irg.serve.errors` (never Ray's traceback); streams keep alive and end at their
-timeout (:mod:`irg.serve.streaming`); every call is measured into :mod:`irg.serve.metrics`.
+Each ``Generator`` replica runs a generation engine (:class:`irg.serve.engine_loop.EngineLoop`,
+continuous batching): requests join at the next iteration, as many as its KV slots hold (the
+``kv_slots`` arg), the rest wait in it; it holds up to ``max_ongoing_requests``, Serve queues
+``max_queued_requests`` more and answers 503 beyond that. A client that disconnects, or a JSON request
+that times out, leaves at the next iteration. ``scheduler: call`` runs the earlier ``CallGenerator``
+instead: one pipeline call at a time, same-shape requests batched by :mod:`irg.serve.batching` as its
+``user_config`` (:class:`irg.serve.options.BatchOptions`) says. ``/v1/*`` asks for an API key
+(``Authorization: Bearer``, :mod:`irg.serve.auth`) when the app requires one, and refuses a request
+over its compute budget or a key's concurrency (:mod:`irg.serve.budget`) before any model work. A
+request whose part of a shared forward (or call) fails is the only one to fail; clients read errors
+through :mod:`irg.serve.errors` (never Ray's traceback); streams keep alive and end at their
+timeout (:mod:`irg.serve.streaming`); every request is measured into :mod:`irg.serve.metrics`.
 
 This module is only the Ray and FastAPI wiring; what it wires lives in :mod:`irg.serve`.
 """

@@ -170,8 +170,8 @@ class KVSlots:
             raise ValueError(f"KV slots need num_slots >= 1 and slot_tokens >= 1, got {num_slots}, {slot_tokens}")
         # One more slot than is handed out: scratch rows for padded static-shape batches (SlotDecoder).
         shape = (num_slots + 1, slot_tokens, kv_heads, head_dim)
-        # Zeros, not garbage: a static-shape decode reads whole slots under a mask, and a NaN in a
-        # masked row would still reach the output through its zero weight.
+        # Zeros, not garbage: a static-shape decode reads a span of each slot under a mask, and a NaN in
+        # a masked row would still reach the output through its zero weight.
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.slot_tokens = slot_tokens
@@ -189,10 +189,6 @@ class KVSlots:
     @property
     def free(self) -> int:
         return len(self._free)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def claim(self, count: int = 1) -> list[int]:
         """``count`` free slots; a ValueError if there are fewer."""

@@ -43,10 +43,11 @@ class SlotDecoder:
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, slot_ids: torch.Tensor, lengths: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
-        """[B] each (long) -> logits [B, vocab] (float32)."""
+                 positions: torch.Tensor, longest: int | None = None) -> torch.Tensor:
+        """[B] each (long) -> logits [B, vocab] (float32). ``longest``: ``lengths``' largest, when the
+        caller knows it (reading it off the device waits for the device)."""
         batch = tokens.shape[0]
-        span = self.span(int(lengths.max()) + 1)
+        span = self.span((int(lengths.max()) if longest is None else longest) + 1)
         bucket = next((b for b in BUCKETS if b >= batch), None)
         if not self.cuda_graphs or bucket is None:
             return self._step(tokens, slot_ids, lengths, positions, span)

@@ -3,7 +3,7 @@
 A trajectory is one prompt's way through think, draw, reflect, draw again; it is always in one phase:
 
     PROMPT -> THINK (a token per iteration) -> APPEND_THINK -> DENOISE (a step per iteration)
-           -> DECODE -> ENCODE -> FEED_VAE -> FEED_VIT -> THINK (the reflection) -> ... -> DONE
+           -> DECODE -> ENCODE -> FEED_VAE -> FEED_VIT -> THINK (the reflection) -> ... -> done
 
 In each iteration every live trajectory contributes the blocks of its phase (a think token, a
 denoising step with its CFG branches, a prompt or think to prefill, an image to feed back) and all of
@@ -77,7 +77,6 @@ class Phase(enum.Enum):
     ENCODE = "encode"  # the image is encoded (autoencoder, ViT) to be fed back, off the loop
     FEED_VAE = "feed_vae"  # the round's image goes back as clean VAE latents
     FEED_VIT = "feed_vit"  # then as ViT tokens
-    DONE = "done"
 
 
 class GenerationCancelled(Exception):
@@ -113,9 +112,6 @@ class Generation:
 
     def cancel(self) -> None:
         self._cancelled.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
 
     def add_done_callback(self, fn: Callable[[Generation], None]) -> None:
         """``fn(self)`` once the generation is done (at once if it is), in the engine's thread: how an
@@ -246,11 +242,6 @@ class GenerationEngine:
                                  f"{self.slots.slot_tokens} (a smaller size, fewer rounds or think tokens fit)")
 
     @property
-    def active_prompts(self) -> int:
-        """Prompts generating now (holding caches)."""
-        return len(self._live)
-
-    @property
     def waiting(self) -> int:
         """Requests submitted and not yet generating."""
         with self._pending_lock:
@@ -364,9 +355,9 @@ class GenerationEngine:
             for generation in requests:
                 self._advance([t for t in trajectories if t.generation is generation])
             return
-        logits = self._think_logits(packed, plans, hidden)
-        results = {id(t): (hidden[own], extended[own], None)
-                   for t, own in zip(packed, _slices(len(plan) for plan in plans))}
+        owns = list(_slices(len(plan) for plan in plans))
+        logits = self._think_logits(packed, owns, hidden)
+        results = {id(t): (hidden[own], extended[own], None) for t, own in zip(packed, owns)}
         results.update({key: ([], [cache], None) for key, (_, cache) in decoded.items()})
         logits.update({key: row for key, (row, _) in decoded.items()})
         if logits:  # every think token of the iteration sampled at once, each row with its own generator
@@ -398,26 +389,23 @@ class GenerationEngine:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         try:
+            lengths = [t.decoding.length for t, _ in thinking]
             logits = self.decoder(column([t.next_token for t, _ in thinking]), column([slot for _, slot in thinking]),
-                                  column([t.decoding.length for t, _ in thinking]),
-                                  column([t.decoding.position for t, _ in thinking]))
+                                  column(lengths), column([t.decoding.position for t, _ in thinking]), max(lengths))
         except Exception:  # noqa: BLE001 - a faster path that fails (a graph capture): the packed one remains
             log.exception("the static-shape decoder failed; think tokens decode in the packed forward from now on")
             self.decoder = None
             return {}
         return {id(t): (row, self.slots.appended(t.decoding)) for (t, _), row in zip(thinking, logits)}
 
-    def _think_logits(self, trajectories, plans, hidden) -> dict[int, torch.Tensor]:
-        """Next-token logits of every thinking trajectory, through the LM head in one call."""
-        rows, owners, start = [], [], 0
-        for trajectory, plan in zip(trajectories, plans):
-            if trajectory.phase is Phase.THINK:
-                rows.append(hidden[start][-1:])
-                owners.append(id(trajectory))
-            start += len(plan)
-        if not rows:
+    def _think_logits(self, trajectories, owns, hidden) -> dict[int, torch.Tensor]:
+        """Next-token logits of every thinking trajectory (its blocks ``hidden[own]``), through the LM
+        head in one call."""
+        thinking = [(t, own) for t, own in zip(trajectories, owns) if t.phase is Phase.THINK]
+        if not thinking:
             return {}
-        return dict(zip(owners, self.model.next_token_logits(torch.cat(rows))))
+        rows = torch.cat([hidden[own.start][-1:] for _, own in thinking])
+        return dict(zip([id(t) for t, _ in thinking], self.model.next_token_logits(rows)))
 
     # ------------------------------------------------------------------ what each phase runs
 
@@ -615,7 +603,6 @@ class GenerationEngine:
 
     def _retire(self, t: _Trajectory) -> None:
         """A trajectory that drew its last image leaves; its request ends with its last one."""
-        t.phase = Phase.DONE
         self._live.remove(t)
         self._release(t)
         generation = t.generation

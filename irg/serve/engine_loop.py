@@ -37,9 +37,11 @@ class EngineLoop:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop after its current iteration, and the engine's image thread."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
+        self.engine.close()
 
     def submit(self, request: GenerationRequest, callback: Callable[[PipelineEvent], None] | None = None
                ) -> Generation:
