@@ -119,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--experiment", default="irg-eval", help="where names are looked up")
     compare.add_argument("--json", action="store_true")
     compare.set_defaults(func=eval_compare)
-    show = eval_commands.add_parser("show", help="one evaluation's report")
-    show.add_argument("run", help="MLflow run id or evaluation name")
+    show = eval_commands.add_parser("show", help="an evaluation's report, or several laid out like the paper's table")
+    show.add_argument("runs", nargs="+", metavar="run", help="MLflow run id or evaluation name; several (a model's "
+                      "GenEval, WISE, TIIF, GenAI-Bench and OneIG-EN runs, of one or more models) make one table")
+    show.add_argument("--paper", action="store_true", help="the paper's table even for one run")
     show.add_argument("--experiment", default="irg-eval")
     show.set_defaults(func=eval_show)
     return parser
@@ -165,9 +167,10 @@ def eval_compare(args: argparse.Namespace) -> int:
 
 
 def eval_show(args: argparse.Namespace) -> int:
-    from irg.eval.report import format_table, load_run_report
+    from irg.eval.report import format_table, load_run_report, paper_table
 
-    print(format_table(load_run_report(args.run, args.experiment)))
+    reports = [load_run_report(run, args.experiment) for run in args.runs]
+    print(paper_table(reports) if args.paper or len(reports) > 1 else format_table(reports[0]))
     return 0
 
 

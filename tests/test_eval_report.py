@@ -26,7 +26,7 @@ def test_report_per_round_categories_overall_and_delta():
     scored = rows({("00000", 1): 0.0, ("00001", 1): 1.0, ("00002", 1): 0.0,
                    ("00000", 2): 1.0, ("00001", 2): 1.0, ("00002", 2): 1.0})
     scored[0]["details"] = {"parse_error": "no marks"}
-    report = build_report("r", "shapes", "categories", PROMPTS, scored, rounds=2)
+    report = build_report("r", ScorerSettings("shapes"), PROMPTS, scored, rounds=2)
     # round 1: single_object 0, counting 1/2 -> overall (0 + 0.5) / 2 = 0.25; round 2: all 1.
     assert report.rounds["round1"] == {"single_object": 0.0, "counting": 0.5, "overall": 0.25}
     assert report.rounds["round2"] == {"single_object": 1.0, "counting": 1.0, "overall": 1.0}
@@ -34,7 +34,8 @@ def test_report_per_round_categories_overall_and_delta():
     metrics = report.metrics()
     assert metrics["delta/overall"] == 0.75 and metrics["delta/counting"] == 0.5 and metrics["round1/counting"] == 0.5
     # WISE-style overall: the mean over prompts, round 1 = 1/3.
-    assert build_report("r", "wise", "prompts", PROMPTS, scored, 2).rounds["round1"]["overall"] == pytest.approx(1 / 3)
+    wise = build_report("r", ScorerSettings("wise"), PROMPTS, scored, 2)
+    assert wise.rounds["round1"]["overall"] == pytest.approx(1 / 3)
 
     table = format_table(report).splitlines()
     assert table[-2].split() == ["overall", "0.250", "1.000", "+0.750"]

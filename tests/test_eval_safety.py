@@ -124,10 +124,25 @@ MISTAKES = {
                       "requests_per_minute: must be > 0, got -5.0"),
     "wise on geneval prompts": (
         ["--benchmark", "geneval", "--scorer", "wise", "--judge-url", "http://vllm:8000/v1", "--judge-model", "vl"],
-        r"scorer wise cannot score prompt 00000 \('a photo of a bench'\): it has no Explanation"),
+        r"scorer wise cannot score prompt 00000 \('a photo of a bench'\): it is not a WISE prompt \(no Explanation\)"),
     "shapes on geneval prompts": (["--benchmark", "geneval", "--scorer", "shapes"],
                                   "scorer shapes cannot score prompt 00000 .*does not know class 'bench'"),
     "shapes on wise prompts": (["--benchmark", "wise", "--scorer", "shapes"], "not a GenEval record"),
+    "tiif without a judge": (["--benchmark", "tiif"], "scorer tiif needs --judge-url .* and --judge-model$"),
+    "oneig without a judge": (["--benchmark", "oneig", "--judge-url", "http://vllm:8000/v1"],
+                              "scorer oneig needs --judge-url .* and --judge-model$"),
+    "genai_bench with no scorer": (["--benchmark", "genai_bench"],
+                                   r"scorer genai_bench needs --judge-url .*--judge-model \(or --vqa-model"),
+    "genai_bench without its VQA folder": (
+        ["--benchmark", "genai_bench", "--vqa-model", "/nonexistent/vqa"],
+        "'/nonexistent/vqa' does not exist: expected a Hugging Face image-text-to-text model to compute VQAScore"),
+    "a template oneig does not take": (
+        ["--benchmark", "oneig", "--judge-url", "http://vllm:8000/v1", "--judge-model", "vl",
+         "--judge-template", "mine.txt"], "only wise and tiif take a template"),
+    "tiif on wise prompts": (WISE + ["--scorer", "tiif", "--judge-url", "http://vllm:8000/v1"],
+                             r"it is not a TIIF-Bench row \(no answers\)"),
+    "an unknown split": (["--benchmark", "tiif", "--split", "mini"],
+                         "split: tiif has no split 'mini'; it takes one of testmini, full"),
 }
 
 

@@ -1,7 +1,8 @@
-"""The prompt sets: GenEval and WISE (shipped with the package), the synthetic shapes world, or a file.
+"""The prompt sets: GenEval, WISE, TIIF-Bench, GenAI-Bench and OneIG-EN (shipped with the package, with
+their licences in ``data/README.md``), the synthetic shapes world, or a file.
 
 Every prompt becomes an :class:`EvalPrompt` with a stable ``id`` (the storage layout and the resume
-logic key on it), the ``category`` reports group by (GenEval's tag, WISE's category) and the
+logic key on it), the ``category`` reports group by (GenEval's tag, WISE's category, ...) and the
 benchmark's own record as ``metadata`` (what the scorers read).
 """
 
@@ -14,7 +15,9 @@ from importlib import resources
 
 from irg import storage
 
-BENCHMARKS = ("geneval", "wise", "shapes")
+BENCHMARKS = ("geneval", "wise", "tiif", "genai_bench", "oneig", "shapes")
+# Benchmarks with more than one official prompt set, and the one they load by default.
+SPLITS = {"tiif": ("testmini", "full"), "genai_bench": ("1600", "527")}
 SHAPES_DEFAULT_PER_CATEGORY = 10
 
 
@@ -26,18 +29,35 @@ class EvalPrompt:
     metadata: dict
 
 
-def load_benchmark(name: str, limit: int | None = None, seed: int = 0) -> list[EvalPrompt]:
+def load_benchmark(name: str, limit: int | None = None, seed: int = 0, split: str | None = None) -> list[EvalPrompt]:
     """Prompts of ``name`` (one of :data:`BENCHMARKS`, or a GenEval-format ``.jsonl`` path or URI).
 
-    ``limit`` keeps the first N prompts; for ``shapes`` it is the number of prompts to draw (default
-    10 per GenEval category), from ``seed``.
+    ``split`` picks the prompt set of a benchmark that has several (:data:`SPLITS`; the first is the
+    default). ``limit`` keeps the first N prompts; for ``shapes`` it is the number of prompts to draw
+    (default 10 per GenEval category), from ``seed``.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit: must be >= 1, got {limit}")
+    if split is not None and split not in SPLITS.get(name, ()):
+        choices = f"one of {', '.join(SPLITS[name])}" if name in SPLITS else "none: it has one prompt set"
+        raise ValueError(f"split: {name} has no split {split!r}; it takes {choices}")
+    split = split or SPLITS.get(name, (None,))[0]
     if name == "geneval":
-        prompts = _geneval_prompts(_packaged("geneval/evaluation_metadata.jsonl").splitlines(), "geneval")
+        prompts = _geneval_prompts(packaged("geneval/evaluation_metadata.jsonl").splitlines(), "geneval")
     elif name == "wise":
-        prompts = _wise_prompts(json.loads(_packaged("wise/final_data.json")))
+        prompts = _wise_prompts(json.loads(packaged("wise/final_data.json")))
+    elif name == "tiif":
+        from irg.eval.tiif import load_tiif
+
+        prompts = load_tiif(split)
+    elif name == "genai_bench":
+        from irg.eval.genai_bench import load_genai_bench
+
+        prompts = load_genai_bench(split)
+    elif name == "oneig":
+        from irg.eval.oneig import load_oneig
+
+        prompts = load_oneig()
     elif name == "shapes":
         return shapes_prompts(limit or SHAPES_DEFAULT_PER_CATEGORY * 6, seed)
     elif name.endswith(".jsonl"):
@@ -64,10 +84,11 @@ def shapes_prompts(count: int, seed: int = 0) -> list[EvalPrompt]:
 
 def geneval_object_names() -> list[str]:
     """The 80 COCO classes GenEval's detector knows."""
-    return [line.strip() for line in _packaged("geneval/object_names.txt").splitlines() if line.strip()]
+    return [line.strip() for line in packaged("geneval/object_names.txt").splitlines() if line.strip()]
 
 
-def _packaged(name: str) -> str:
+def packaged(name: str) -> str:
+    """The text of a file shipped under ``irg/eval/data``."""
     return resources.files("irg.eval").joinpath("data", name).read_text(encoding="utf-8")
 
 

@@ -14,8 +14,11 @@ import io
 import json
 import logging
 import math
+import string
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 from PIL import Image
@@ -41,6 +44,25 @@ def image_part(image: Image.Image) -> dict:
     image.save(buffer, format="PNG")
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+
+
+def check_template(template: str, allowed: set[str]) -> None:
+    """A judge prompt template may use only the ``allowed`` {fields} (it is filled with str.format)."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    if fields - allowed:
+        raise ValueError(f"template: unknown fields {sorted(fields - allowed)}; it may use "
+                         f"{', '.join('{' + f + '}' for f in sorted(allowed))} (double other braces)")
+
+
+def judge_all(judge: JudgeClient, score_one: Callable, items: Sequence[tuple]) -> list:
+    """``score_one(*item)`` for every item, ``judge.max_concurrency`` at a time, in order. The first
+    error (a :class:`JudgeError`: the endpoint is broken) stops the rest rather than send them all."""
+    pool = ThreadPoolExecutor(max_workers=judge.max_concurrency, thread_name_prefix="judge")
+    try:
+        futures = [pool.submit(score_one, *item) for item in items]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def retry_delay(attempt: int, retry_after: str | None, backoff_s: float) -> float:
@@ -106,17 +128,28 @@ class JudgeClient:
         """The judge's reply (``choices[0].message.content``) to ``messages``, from the cache if it has it."""
         request = {"model": self.model, "messages": messages, "temperature": self.temperature,
                    "max_tokens": self.max_tokens}
-        path = self._cache_path(request)
+        return self._answer(request, self._content)
+
+    def top_logprobs(self, messages: list[dict], k: int, cache: bool = True) -> list[tuple[str, float]]:
+        """The ``k`` likeliest first tokens of the reply to ``messages`` with their log-probabilities,
+        likeliest first; a JudgeError if the endpoint returns none (not every server or model does)."""
+        request = {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": 1,
+                   "logprobs": True, "top_logprobs": k}
+        return [(token, logprob) for token, logprob in self._answer(request, self._first_token_logprobs, cache)]
+
+    def _answer(self, request: dict, read: Callable, cache: bool = True):
+        """What ``read`` takes from the reply to ``request``: from the cache if it has it, else asked and kept."""
+        path = self._cache_path(request) if cache else None
         if path is not None:
             cached = _read_cached(path)
             if cached is not None:
                 self._count("cache_hits")
                 return cached
-        text = self._post(request)
+        answer = read(self._post(request))
         if path is not None:
             with storage.open_file(path, "w") as f:
-                json.dump({"request": _summary(request), "response": text}, f)
-        return text
+                json.dump({"request": _summary(request), "response": answer}, f)
+        return answer
 
     def _cache_path(self, request: dict) -> str | None:
         if self.cache_dir is None:
@@ -124,7 +157,7 @@ class JudgeClient:
         key = cache_key(request)
         return storage.join(self.cache_dir, key[:2], f"{key}.json")
 
-    def _post(self, request: dict) -> str:
+    def _post(self, request: dict) -> requests.Response:
         last_error, delay = "", 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -145,7 +178,7 @@ class JudgeClient:
                     raise JudgeError(f"judge {self.url}: cannot send the request ({type(e).__name__}: {e})") from e
             status = response.status_code
             if 200 <= status < 300:
-                return self._content(response)
+                return response
             last_error = f"HTTP {status}: {_error_text(response)}"
             if status == 429 or status >= 500:
                 delay = retry_delay(attempt, response.headers.get("Retry-After"), self.backoff_s)
@@ -170,7 +203,7 @@ class JudgeClient:
             self._next_slot = slot + self._interval
         time.sleep(slot - now)
 
-    def _content(self, response: requests.Response) -> str:
+    def _choice(self, response: requests.Response) -> dict:
         try:
             data = response.json()
         except ValueError:
@@ -178,20 +211,38 @@ class JudgeClient:
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices:
             raise JudgeError(f"judge {self.url}: the reply has no choices: {json.dumps(data)[:ERROR_TEXT_CHARS]}")
-        choice = choices[0] if isinstance(choices[0], dict) else {}
+        return choices[0] if isinstance(choices[0], dict) else {}
+
+    def _content(self, response: requests.Response) -> str:
+        choice = self._choice(response)
         message = choice.get("message")
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, str):
             raise JudgeError(f"judge {self.url}: the reply's first choice has no message content "
-                             f"(finish_reason {choice.get('finish_reason')!r}): {json.dumps(data)[:ERROR_TEXT_CHARS]}")
+                             f"(finish_reason {choice.get('finish_reason')!r}): {response.text[:ERROR_TEXT_CHARS]}")
         return content
+
+    def _first_token_logprobs(self, response: requests.Response) -> list[list]:
+        """``choices[0].logprobs.content[0].top_logprobs`` as [token, logprob] pairs."""
+        logprobs = self._choice(response).get("logprobs")
+        content = logprobs.get("content") if isinstance(logprobs, dict) else None
+        top = content[0].get("top_logprobs") if isinstance(content, list) and content and isinstance(
+            content[0], dict) else None
+        if not isinstance(top, list) or not top:
+            raise JudgeError(f"judge {self.url}: model {self.model!r} returned no top log-probabilities "
+                             f"(the request asked for logprobs): {response.text[:ERROR_TEXT_CHARS]}")
+        try:
+            return [[str(t["token"]), float(t["logprob"])] for t in top]
+        except (KeyError, TypeError, ValueError):
+            raise JudgeError(f"judge {self.url}: unreadable top_logprobs: "
+                             f"{json.dumps(top)[:ERROR_TEXT_CHARS]}") from None
 
     def _count(self, name: str) -> None:
         with self._stats_lock:
             self.stats[name] += 1
 
 
-def _read_cached(path: str) -> str | None:
+def _read_cached(path: str) -> str | list | None:
     """The cached answer at ``path``, or None: a missing or unreadable entry (say, one half-written by a
     killed process) is asked again and rewritten."""
     if not storage.exists(path):
@@ -202,7 +253,7 @@ def _read_cached(path: str) -> str | None:
     except (OSError, ValueError):
         return None
     response = entry.get("response") if isinstance(entry, dict) else None
-    return response if isinstance(response, str) else None
+    return response if isinstance(response, str | list) else None
 
 
 def _summary(request: dict) -> dict:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw
 
 from irg.eval.benchmarks import EvalPrompt
-from irg.eval.scoring import summarize
+from irg.eval.scorer_settings import ScorerSettings
+from irg.eval.scoring import Verdict
 
 GRID_PROMPTS = 12
 GRID_IMAGE = 160
@@ -19,48 +20,54 @@ GRID_IMAGE = 160
 class Report:
     name: str
     scorer: str
-    rounds: dict[str, dict[str, float]]  # "round1" -> {category: mean, ..., "overall": x}
+    # "round1" -> {line: score, ...}: the categories and "overall", or the benchmark's own lines
+    # (TIIF's "short/overall", ...); None where a dimension could not be scored (absent, not zero)
+    rounds: dict[str, dict[str, float | None]]
     counts: dict[str, int]  # images per category and round
     failures: int = 0  # images whose verdict could not be read (e.g. an unparsable judge reply), scored 0
     meta: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how it was scored, where a reader must know
 
     def metrics(self) -> dict[str, float]:
-        """``round1/<category>``, ..., and ``delta/<category>`` (last round minus round 1)."""
-        metrics = {f"{r}/{c}": v for r, scores in self.rounds.items() for c, v in scores.items()}
+        """``round1/<line>``, ..., and ``delta/<line>`` (last round minus round 1); absent lines are left out."""
+        metrics = {f"{r}/{c}": v for r, scores in self.rounds.items() for c, v in scores.items() if v is not None}
         names = list(self.rounds)
         if len(names) > 1:
             first, last = self.rounds[names[0]], self.rounds[names[-1]]
-            metrics.update({f"delta/{c}": last[c] - first[c] for c in first if c in last})
+            metrics.update({f"delta/{c}": last[c] - first[c] for c in first
+                            if first[c] is not None and last.get(c) is not None})
         metrics["failures"] = self.failures
         return metrics
 
     def to_dict(self) -> dict:
         return {"name": self.name, "scorer": self.scorer, "rounds": self.rounds, "counts": self.counts,
-                "failures": self.failures, "meta": self.meta}
+                "failures": self.failures, "meta": self.meta, "notes": self.notes}
 
     @classmethod
     def from_dict(cls, data: dict) -> Report:
         return cls(data["name"], data["scorer"], data["rounds"], data["counts"], data.get("failures", 0),
-                   data.get("meta", {}))
+                   data.get("meta", {}), data.get("notes", []))
 
 
-def build_report(name: str, scorer: str, overall: str, prompts: list[EvalPrompt], rows: list[dict],
+def build_report(name: str, scorer: ScorerSettings, prompts: list[EvalPrompt], rows: list[dict],
                  rounds: int) -> Report:
-    """Per round, the category means over every sample's score (rows from the scorer) and the overall."""
-    category = {p.id: p.category for p in prompts}
+    """Per round, the lines ``scorer`` summarises every sample's verdict (rows from the scorer) into."""
+    by_id = {p.id: p for p in prompts}
     summaries = {}
     for r in range(1, rounds + 1):
-        scored = [(category[row["prompt_id"]], row["score"]) for row in rows if row["round"] == r]
-        summaries[f"round{r}"] = summarize(scored, overall)
-    counts = dict(Counter(category[row["prompt_id"]] for row in rows if row["round"] == 1))
+        verdicts = [(by_id[row["prompt_id"]], Verdict(row["score"], row["details"])) for row in rows
+                    if row["round"] == r]
+        summaries[f"round{r}"] = scorer.summarize(verdicts)
+    counts = dict(Counter(by_id[row["prompt_id"]].category for row in rows if row["round"] == 1))
     failures = sum(1 for row in rows if "parse_error" in row["details"])
-    return Report(name=name, scorer=scorer, rounds=summaries, counts=counts, failures=failures)
+    return Report(name=name, scorer=scorer.kind, rounds=summaries, counts=counts, failures=failures,
+                  notes=scorer.notes)
 
 
 def format_table(report: Report) -> str:
     """Categories down, rounds across, then the change from round 1 to the last round."""
     names = list(report.rounds)
-    categories = [c for c in report.rounds[names[0]] if c != "overall"] + ["overall"]
+    categories = _lines(report.rounds[names[0]])
     width = max(len(c) for c in categories + ["category"]) + 2
     header = "category".ljust(width) + "".join(f"{n:>10}" for n in names) + ("       Δ" if len(names) > 1 else "")
     lines = [f"{report.name}: {report.scorer}", header, "-" * len(header)]
@@ -72,7 +79,13 @@ def format_table(report: Report) -> str:
         lines.append(c.ljust(width) + cells + delta + count)
     if report.failures:
         lines.append(f"{report.failures} images had no readable verdict and scored 0")
+    lines += [f"note: {note}" for note in report.notes]
     return "\n".join(lines)
+
+
+def _lines(scores: dict) -> list[str]:
+    """A report's lines in order, a plain ``overall`` last (``-`` marks an absent value)."""
+    return [c for c in scores if c != "overall"] + (["overall"] if "overall" in scores else [])
 
 
 def compare_table(a: Report, b: Report) -> str:
@@ -80,8 +93,8 @@ def compare_table(a: Report, b: Report) -> str:
     rounds = [r for r in a.rounds if r in b.rounds]
     if not rounds:
         raise ValueError(f"{a.name} and {b.name} share no round to compare")
-    categories = list(dict.fromkeys([c for c in a.rounds[rounds[0]] if c != "overall"]
-                                    + [c for c in b.rounds[rounds[0]] if c != "overall"] + ["overall"]))
+    categories = list(dict.fromkeys(_lines(a.rounds[rounds[0]]) + _lines(b.rounds[rounds[0]])))
+    categories = [c for c in categories if c != "overall"] + (["overall"] if "overall" in categories else [])
     width = max(len(c) for c in categories + ["category"]) + 2
     columns = [(label, r) for r in rounds for label in ("A", "B")]
     header = "category".ljust(width) + "".join(f"{f'{label} {r}':>12}" for label, r in columns) + f"{'B-A':>9}"
@@ -95,6 +108,49 @@ def compare_table(a: Report, b: Report) -> str:
         va, vb = a.rounds[last].get(c), b.rounds[last].get(c)
         lines.append(c.ljust(width) + cells + (f"{vb - va:>+9.3f}" if va is not None and vb is not None else ""))
     return "\n".join(lines)
+
+
+# The paper's results table: column, the scorer behind it, its report lines (TIIF's two shown as percentages).
+PAPER_COLUMNS = (("GenEval", "geneval", ("overall",)), ("WISE", "wise", ("overall",)),
+                 ("TIIF short/long", "tiif", ("short/overall", "long/overall")),
+                 ("GenAI-Bench", "genai_bench", ("overall",)), ("OneIG-EN", "oneig", ("overall",)))
+
+
+def paper_table(reports: list[Report]) -> str:
+    """Evaluations laid out like the paper's results table: a line per model and round, a column per
+    benchmark; ``-`` where a model has no evaluation of it or the value is absent, ``*`` on a value
+    with a note (e.g. a stand-in scorer), the notes below."""
+    columns = {scorer: (title, lines) for title, scorer, lines in PAPER_COLUMNS}
+    models: dict[str, dict[str, Report]] = {}
+    for report in reports:
+        if report.scorer not in columns:
+            raise ValueError(f"{report.name}: scored by {report.scorer}, which is not a column of the paper's table "
+                             f"({', '.join(title for title, _, _ in PAPER_COLUMNS)})")
+        model = str(report.meta.get("model", report.name))
+        earlier = models.setdefault(model, {}).get(report.scorer)
+        if earlier is not None:
+            raise ValueError(f"{earlier.name} and {report.name} both evaluate {model} on {report.scorer}: give one")
+        models[model][report.scorer] = report
+    rounds = sorted({r for report in reports for r in report.rounds}, key=lambda r: int(r.removeprefix("round")))
+    header = ["model", *[title for title, _, _ in PAPER_COLUMNS]]
+    table, notes = [], []
+    for model, by_scorer in models.items():
+        for r in rounds:
+            cells = [f"{model} · round {r.removeprefix('round')}"]
+            for _, scorer, lines in PAPER_COLUMNS:
+                report = by_scorer.get(scorer)
+                values = [report.rounds.get(r, {}).get(line) for line in lines] if report else [None]
+                if None in values:
+                    cells.append("-")
+                    continue
+                cell = "/".join(f"{100 * v:.2f}" for v in values) if scorer == "tiif" else f"{values[0]:.3f}"
+                cells.append(cell + ("*" if report.notes else ""))
+            table.append(cells)
+        notes += [f"* {model}, {scorer}: {note}" for scorer, report in by_scorer.items() for note in report.notes]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header, *table]]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *dict.fromkeys(notes)])
 
 
 def load_run_report(run: str, experiment: str = "irg-eval") -> Report:
@@ -139,5 +195,9 @@ def grid_image(output: str, prompts: list[EvalPrompt], rows: list[dict], rounds:
             image = read_image(output, prompt.id, 0, r).resize((cell, cell))
             grid.paste(image, (left, top + pad))
             value = score.get((prompt.id, 0, r + 1))
-            draw.text((left, top + pad + cell + 2), f"score {value:.2f}", fill="darkgreen" if value >= 0.5 else "red")
+            if value is None:
+                draw.text((left, top + pad + cell + 2), "not scored", fill="gray")
+            else:
+                draw.text((left, top + pad + cell + 2), f"score {value:.2f}",
+                          fill="darkgreen" if value >= 0.5 else "red")
     return grid

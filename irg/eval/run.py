@@ -34,7 +34,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 @dataclass
 class EvalConfig:
     model: str  # checkpoint folder, s3:// URI, irg:NAME or models:/NAME@ALIAS
-    benchmark: str = "shapes"  # geneval | wise | shapes | a GenEval-format .jsonl
+    benchmark: str = "shapes"  # geneval | wise | tiif | genai_bench | oneig | shapes | a GenEval-format .jsonl
+    split: str | None = None  # tiif: testmini (default) or full; genai_bench: 1600 (default) or 527
     name: str | None = None  # default (filled in by evaluate()): <benchmark>-<model>, or -<NAME>-v<VERSION>
     output: str | None = None  # default: <store>/eval/<name>, else $IRG_HOME/eval/<name>
     limit: int | None = None
@@ -67,7 +68,7 @@ def evaluate(cfg: EvalConfig) -> Report:
     model = pinned_model(cfg.model)
     model_path = checkpoint_uri(model)
     if cfg.name is None:
-        cfg = dataclasses.replace(cfg, name=default_name(cfg.benchmark, model))
+        cfg = dataclasses.replace(cfg, name=default_name(cfg.benchmark, model, cfg.split))
     cfg = dataclasses.replace(cfg, generation=resolve_settings(model_path, cfg.generation))
     checkpoint = model if model.startswith(REGISTRY_PREFIX) else checkpoint_digest(model_path)
     _claim_output(cfg, prompts, checkpoint)
@@ -80,10 +81,9 @@ def evaluate(cfg: EvalConfig) -> Report:
         counts = generate_samples(model_path, prompts, cfg.output, cfg.generation, workers=cfg.workers,
                                   batch_size=cfg.batch_size, device=cfg.device)
         rows = score_samples(cfg, prompts)
-        report = build_report(cfg.name, cfg.scorer.kind, cfg.scorer.overall, prompts, rows,
-                              cfg.generation.rounds)
+        report = build_report(cfg.name, cfg.scorer, prompts, rows, cfg.generation.rounds)
         report.meta.update({"run_id": tracker.run_id, "model": cfg.model, "checkpoint": checkpoint,
-                            "benchmark": cfg.benchmark, "output": cfg.output, **counts})
+                            "benchmark": cfg.benchmark, "split": cfg.split, "output": cfg.output, **counts})
         _write_outputs(cfg, report, rows)
         tracker.log(report, grid_image(cfg.output, prompts, rows, cfg.generation.rounds))
     except BaseException as e:
@@ -97,7 +97,7 @@ def evaluate(cfg: EvalConfig) -> Report:
 def checked_prompts(cfg: EvalConfig) -> list[EvalPrompt]:
     """The benchmark's prompts, with the scorer built offline and checked against them: a mistake in the
     scorer's settings fails here, not after hours of generation."""
-    prompts = load_benchmark(cfg.benchmark, cfg.limit, seed=cfg.generation.seed)
+    prompts = load_benchmark(cfg.benchmark, cfg.limit, seed=cfg.generation.seed, split=cfg.split)
     cfg.scorer.check(prompts)
     return prompts
 
@@ -113,12 +113,13 @@ def pinned_model(model: str) -> str:
     return f"{REGISTRY_PREFIX}{version.name}/{version.version}"
 
 
-def default_name(benchmark: str, model: str) -> str:
-    """``<benchmark>-<model>``, a pinned registered model as ``<NAME>-v<VERSION>``."""
+def default_name(benchmark: str, model: str, split: str | None = None) -> str:
+    """``<benchmark>[-<split>]-<model>``, a pinned registered model as ``<NAME>-v<VERSION>``."""
     if model.startswith(REGISTRY_PREFIX):
         name, _, version = model.removeprefix(REGISTRY_PREFIX).rpartition("/")
         model = f"{name}-v{version}"
-    return _slug(f"{benchmark.rsplit('/', 1)[-1].removesuffix('.jsonl')}-{model}")
+    benchmark = benchmark.rsplit("/", 1)[-1].removesuffix(".jsonl")
+    return _slug(f"{benchmark}-{split}-{model}" if split else f"{benchmark}-{model}")
 
 
 def checkpoint_digest(path: str) -> str:
@@ -201,7 +202,7 @@ def _claim_output(cfg: EvalConfig, prompts: list[EvalPrompt], checkpoint: str) -
     (a pinned registry version or :func:`checkpoint_digest`), prompts and generation settings."""
     uri = storage.join(cfg.output, "eval.json")
     listed = json.dumps([asdict(p) for p in prompts], sort_keys=True).encode()
-    claim = {"name": cfg.name, "model": cfg.model, "benchmark": cfg.benchmark, "limit": cfg.limit,
+    claim = {"name": cfg.name, "model": cfg.model, "benchmark": cfg.benchmark, "split": cfg.split, "limit": cfg.limit,
              "checkpoint": checkpoint, "prompts": {"count": len(prompts), "sha256": hashlib.sha256(listed).hexdigest()},
              "generation": asdict(cfg.generation)}
     if storage.exists(uri):
@@ -252,7 +253,8 @@ class _Tracker:
         tags = {"irg.eval.model": cfg.model, "irg.eval.benchmark": cfg.benchmark, "irg.eval.scorer": cfg.scorer.kind}
         self.logger = tracking.RunLogger(uri, tracking.find_or_create_run(client, experiment, cfg.name, tags=tags))
         self.run_id = self.logger.run_id
-        params = {"model": cfg.model, "benchmark": cfg.benchmark, "limit": str(cfg.limit), "output": cfg.output,
+        params = {"model": cfg.model, "benchmark": cfg.benchmark, "split": str(cfg.split), "limit": str(cfg.limit),
+                  "output": cfg.output,
                   "scorer": cfg.scorer.kind, **{f"generation.{k}": str(v) for k, v in asdict(cfg.generation).items()}}
         self.logger.log_params(params)
         log.info("MLflow run %s (experiment %s)", self.run_id, cfg.experiment)

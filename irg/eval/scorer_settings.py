@@ -9,10 +9,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from irg.eval.benchmarks import EvalPrompt, geneval_object_names
-from irg.eval.scoring import Scorer
+from irg.eval.scoring import Scorer, Verdict, summarize
 
-SCORERS = ("shapes", "geneval", "wise")
-DEFAULT_SCORER = {"shapes": "shapes", "geneval": "geneval", "wise": "wise"}
+SCORERS = ("shapes", "geneval", "wise", "tiif", "genai_bench", "oneig")
+DEFAULT_SCORER = {name: name for name in SCORERS}  # each benchmark is scored by its own rules
+# Scorers whose verdicts come from an OpenAI-compatible judge (genai_bench's only without --vqa-model).
+JUDGED = ("wise", "tiif", "oneig")
+# The metadata key that marks a prompt as one the scorer can read, and what it is called.
+PROMPT_RECORD = {"wise": ("Explanation", "a WISE prompt"), "tiif": ("answers", "a TIIF-Bench row"),
+                 "genai_bench": ("skills", "a GenAI-Bench prompt"), "oneig": ("prompt_length", "a OneIG-Bench prompt")}
 
 
 @dataclass(frozen=True)
@@ -21,14 +26,16 @@ class ScorerSettings:
     # geneval: local Hugging Face folders (no download at run time)
     detector: str | None = None  # Mask2Former, COCO instance segmentation
     color_classifier: str | None = None  # CLIP
-    # wise: an OpenAI-compatible chat endpoint with images
+    # genai_bench: a local Hugging Face image-text-to-text model for VQAScore
+    vqa_model: str | None = None
+    # wise, tiif, oneig (and genai_bench without vqa_model): an OpenAI-compatible chat endpoint with images
     judge_url: str | None = None  # e.g. http://vllm:8000/v1
     judge_model: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
     judge_requests_per_minute: float | None = None
     judge_concurrency: int = 4
     judge_cache: str | None = None  # folder or s3:// URI; default: <output>/judge-cache
-    judge_template: str | None = None  # a file holding the judge prompt ({prompt}, {explanation})
+    judge_template: str | None = None  # a file with the judge prompt (wise: {prompt}, {explanation}; tiif: {questions})
     device: str = "auto"
 
     def check(self, prompts: Sequence[EvalPrompt] = ()) -> None:
@@ -43,26 +50,45 @@ class ScorerSettings:
                 if not path:
                     raise ValueError(f"scorer geneval needs {flag}: a local Hugging Face checkpoint folder")
                 local_checkpoint(path, *model.CHECKPOINT)
-        if self.kind == "wise":
+        if self.uses_judge:
+            flag = " (or --vqa-model, a local VQA model folder)" if self.kind == "genai_bench" else ""
             if not self.judge_url or not self.judge_model:
-                raise ValueError("scorer wise needs --judge-url (an OpenAI-compatible /v1 endpoint) and --judge-model")
+                raise ValueError(f"scorer {self.kind} needs --judge-url (an OpenAI-compatible /v1 endpoint) and "
+                                 f"--judge-model{flag}")
+            if self.judge_template and self.kind not in ("wise", "tiif"):
+                raise ValueError(f"--judge-template: scorer {self.kind} asks its judge in the benchmark's own words; "
+                                 "only wise and tiif take a template")
             if self.judge_template and not os.path.isfile(self.judge_template):
                 raise FileNotFoundError(f"--judge-template {self.judge_template} does not exist")
             try:  # offline, as each scoring actor will: the judge's URL, rate and concurrency, the template's fields
-                self.build()
+                scorer = self.build()
             except ValueError as e:
-                raise ValueError(f"scorer wise: {e}") from None
+                raise ValueError(f"scorer {self.kind}: {e}") from None
+            if self.kind == "genai_bench":
+                from irg.eval.judge import JudgeError
+
+                try:  # the one scorer that needs more than chat: an endpoint without log-probabilities cannot score
+                    scorer.probe()
+                except JudgeError as e:
+                    raise ValueError(f"scorer genai_bench without --vqa-model needs a judge that returns "
+                                     f"log-probabilities: {e}") from None
+        if self.kind == "genai_bench" and self.vqa_model:
+            from irg.eval.genai_bench import HFVQAScore
+            from irg.eval.hf_detection import local_checkpoint
+
+            local_checkpoint(self.vqa_model, *HFVQAScore.CHECKPOINT)
         for prompt in prompts:
             self._check_prompt(prompt)
 
     def _check_prompt(self, prompt: EvalPrompt) -> None:
-        """WISE's judge needs a prompt's explanation; the GenEval rules need a record whose classes the
-        detector knows (COCO's 80 for geneval, the shapes world's for shapes)."""
+        """Each benchmark's scorer reads its own records (WISE's explanation, TIIF's questions, ...); the
+        GenEval rules need a record whose classes the detector knows (COCO's 80 for geneval, the shapes
+        world's for shapes)."""
         where = f"scorer {self.kind} cannot score prompt {prompt.id} ({prompt.prompt[:60]!r})"
-        if self.kind == "wise":
-            if "Explanation" not in prompt.metadata:
-                raise ValueError(f"{where}: it has no Explanation, so it is not a WISE prompt; "
-                                 "choose the --scorer these prompts are for")
+        if self.kind in PROMPT_RECORD:
+            key, what = PROMPT_RECORD[self.kind]
+            if key not in prompt.metadata:
+                raise ValueError(f"{where}: it is not {what} (no {key}); choose the --scorer these prompts are for")
             return
         if "include" not in prompt.metadata:
             raise ValueError(f"{where}: it is not a GenEval record (no include list); "
@@ -74,14 +100,49 @@ class ScorerSettings:
                                  "choose the --scorer these prompts are for")
 
     @property
+    def uses_judge(self) -> bool:
+        return self.kind in JUDGED or (self.kind == "genai_bench" and not self.vqa_model)
+
+    def summarize(self, rows: Sequence[tuple[EvalPrompt, Verdict]]) -> dict[str, float | None]:
+        """One round's report lines by the benchmark's own rules."""
+        if self.kind == "tiif":
+            from irg.eval.tiif import summarize_tiif
+
+            return summarize_tiif(rows)
+        if self.kind == "genai_bench":
+            from irg.eval.genai_bench import summarize_genai_bench
+
+            return summarize_genai_bench(rows)
+        if self.kind == "oneig":
+            from irg.eval.oneig import summarize_oneig
+
+            return summarize_oneig(rows)
+        return summarize([(prompt.category, verdict.score) for prompt, verdict in rows], self.overall)
+
+    @property
+    def notes(self) -> list[str]:
+        """What a reader of the report must know about how it was scored."""
+        if self.kind == "genai_bench" and not self.vqa_model:
+            from irg.eval.genai_bench import NOT_COMPARABLE
+
+            return [NOT_COMPARABLE.format(model=self.judge_model)]
+        if self.kind == "oneig":
+            from irg.eval.oneig import ABSENT
+
+            return [ABSENT]
+        return []
+
+    @property
     def overall(self) -> str:
-        """GenEval: the mean of the category means; WISE: categories weighted by their prompt counts."""
+        """GenEval, shapes: the mean of the category means; WISE: categories weighted by their prompt counts
+        (the other benchmarks' overalls are their own: :meth:`summarize`)."""
         return "prompts" if self.kind == "wise" else "categories"
 
     @property
     def gpus(self) -> int:
         """GPUs a scoring actor asks for where there are GPUs (the judge runs elsewhere)."""
-        return 1 if self.kind == "geneval" and self.device != "cpu" else 0
+        local_model = self.kind == "geneval" or (self.kind == "genai_bench" and self.vqa_model)
+        return 1 if local_model and self.device != "cpu" else 0
 
     def build(self, cache: str | None = None) -> Scorer:
         if self.kind == "shapes":
@@ -96,22 +157,41 @@ class ScorerSettings:
             device = resolve_device(self.device)
             return GenEvalScorer(Mask2FormerDetector(self.detector, device), ClipColorClassifier(self.color_classifier,
                                                                                                  device))
-        if self.kind == "wise":
-            from irg.eval.judge import JudgeClient
-            from irg.eval.wise import WiseScorer
+        if self.kind == "genai_bench" and self.vqa_model:
+            from irg.device import resolve_device
+            from irg.eval.genai_bench import HFVQAScore
 
-            judge = JudgeClient(self.judge_url, self.judge_model, os.environ.get(self.judge_api_key_env) or None,
-                                requests_per_minute=self.judge_requests_per_minute,
-                                max_concurrency=self.judge_concurrency, cache_dir=self.judge_cache or cache)
-            if not self.judge_template:
-                return WiseScorer(judge)
-            with open(self.judge_template) as f:
-                template = f.read()
-            try:
-                return WiseScorer(judge, template=template)
-            except ValueError as e:
-                raise ValueError(f"--judge-template {self.judge_template}: {e}") from None
+            return HFVQAScore(self.vqa_model, resolve_device(self.device))
+        if self.kind in SCORERS:
+            return self._judged(cache)
         raise ValueError(f"scorer: unknown {self.kind!r}, expected one of {SCORERS}")
+
+    def _judged(self, cache: str | None) -> Scorer:
+        from irg.eval.judge import JudgeClient
+
+        judge = JudgeClient(self.judge_url, self.judge_model, os.environ.get(self.judge_api_key_env) or None,
+                            requests_per_minute=self.judge_requests_per_minute,
+                            max_concurrency=self.judge_concurrency, cache_dir=self.judge_cache or cache)
+        if self.kind == "genai_bench":
+            from irg.eval.genai_bench import JudgeVQAScore
+
+            return JudgeVQAScore(judge)
+        if self.kind == "oneig":
+            from irg.eval.oneig import OneIGScorer
+
+            return OneIGScorer(judge)
+        if self.kind == "tiif":
+            from irg.eval.tiif import TiifScorer as chosen
+        else:
+            from irg.eval.wise import WiseScorer as chosen
+        if not self.judge_template:
+            return chosen(judge)
+        with open(self.judge_template) as f:
+            template = f.read()
+        try:
+            return chosen(judge, template=template)
+        except ValueError as e:
+            raise ValueError(f"--judge-template {self.judge_template}: {e}") from None
 
 
 @functools.cache

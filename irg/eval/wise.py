@@ -9,14 +9,12 @@ endpoint behind a :class:`~irg.eval.judge.JudgeClient`.
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
 from irg.eval.benchmarks import EvalPrompt
-from irg.eval.judge import JudgeClient, image_part
+from irg.eval.judge import JudgeClient, check_template, image_part, judge_all
 from irg.eval.scoring import Verdict
 
 WISE_SYSTEM = ("You are a strict, meticulous auditor of generated images. You judge each image only by what "
@@ -123,10 +121,7 @@ class WiseScorer:
     overall = "prompts"
 
     def __init__(self, judge: JudgeClient, template: str = WISE_TEMPLATE, parse_retries: int = 2):
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        if fields - {"prompt", "explanation"}:
-            raise ValueError(f"template: unknown fields {sorted(fields - {'prompt', 'explanation'})}; "
-                             "it may use {prompt} and {explanation} (double other braces)")
+        check_template(template, {"prompt", "explanation"})
         if parse_retries < 0:
             raise ValueError(f"parse_retries: must be >= 0, got {parse_retries}")
         self.judge = judge
@@ -135,13 +130,7 @@ class WiseScorer:
 
     def score(self, items: Sequence[tuple[EvalPrompt, Image.Image]]) -> list[Verdict]:
         """One verdict per item, in order. A :class:`~irg.eval.judge.JudgeError` stops the whole run."""
-        pool = ThreadPoolExecutor(max_workers=self.judge.max_concurrency, thread_name_prefix="wise")
-        try:
-            futures = [pool.submit(self._score_one, prompt, image) for prompt, image in items]
-            return [f.result() for f in futures]
-        finally:
-            # On an error, drop the queued items rather than send them all to a broken endpoint first.
-            pool.shutdown(wait=True, cancel_futures=True)
+        return judge_all(self.judge, self._score_one, items)
 
     def _score_one(self, prompt: EvalPrompt, image: Image.Image) -> Verdict:
         messages = wise_messages(prompt, image, self.template)
