@@ -304,3 +304,76 @@ def test_paper_table_lays_out_a_model_per_round_and_a_benchmark_per_column():
         paper_table(reports + [report("geneval", "irg", {"round1": {"overall": 0.1}})])
     with pytest.raises(ValueError, match="scored by shapes, which is not a column"):
         paper_table([report("shapes", "irg", {"round1": {"overall": 0.1}})])
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(tmp_path_factory):
+    """A random LLaVA with a character tokenizer ("Yes" is three tokens) and a chat template, saved to disk."""
+    import string
+
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, "<image>": 4}
+    for char in string.printable:
+        vocab.setdefault(char, len(vocab))
+    characters = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    characters.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    characters.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=characters, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512),
+        image_token_index=vocab["<image>"], vision_feature_layer=-2)
+    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+                "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    processor = LlavaProcessor(CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                               tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               chat_template=template, num_additional_image_tokens=1)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vqa")
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_vqascore_from_a_local_model_is_the_probability_of_every_answer_token(vqa_dir):
+    import torch
+
+    from irg.eval.genai_bench import HFVQAScore
+
+    settings = ScorerSettings("genai_bench", vqa_model=str(vqa_dir), device="cpu")
+    settings.check(load_benchmark("genai_bench", limit=2))
+    assert not settings.uses_judge and settings.notes == []
+    scorer = settings.build()
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    [verdict] = scorer.score([(EvalPrompt("0", "a red square", "basic", {"skills": ["basic"]}), image)])
+
+    # The same probability from the model's own loss on the answer's three tokens (Y, e, s).
+    question = scorer._question("a red square")
+    inputs = scorer.processor(images=image, text=question + "Yes", return_tensors="pt")
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[0, -3:] = inputs["input_ids"][0, -3:]
+    with torch.inference_mode():
+        loss = scorer.model(**inputs, labels=labels).loss
+    assert verdict.score == pytest.approx(math.exp(-3 * float(loss)), rel=1e-4)
+
+    # With a silent output layer every token is equally likely: P = (1 / vocabulary) ** 3.
+    uniform = HFVQAScore(str(vqa_dir))
+    torch.nn.init.zeros_(uniform.model.get_output_embeddings().weight)
+    vocabulary = uniform.model.config.text_config.vocab_size
+    assert uniform.probability("anything", image) == pytest.approx(vocabulary ** -3, rel=1e-5)

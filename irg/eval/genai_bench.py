@@ -1,9 +1,9 @@
 """GenAI-Bench (Li et al., 2024): VQAScore, the probability that a VQA model answers "Yes" to
 'Does this figure show "{prompt}"? Please answer yes or no.', reported per skill tag.
 
-The official scoring model is CLIP-FlanT5-XXL (t2v_metrics); :class:`HFVQAScore` runs any Hugging
-Face image-text-to-text model from a local folder (Qwen2.5-VL, LLaVA, InstructBLIP ...), which is
-what a lab can point at its own copy. Without one, an OpenAI-compatible judge that returns
+The official scoring model is CLIP-FlanT5-XXL (t2v_metrics' own architecture, not in transformers);
+:class:`HFVQAScore` runs a decoder-only Hugging Face image-text-to-text model from a local folder
+(Qwen2.5-VL, LLaVA), which is what a lab can point at its own copy. Without one, an OpenAI-compatible judge that returns
 log-probabilities may stand in (:class:`JudgeVQAScore`, as t2v_metrics scores GPT-4o); its numbers
 are labelled as not comparable with published VQAScores.
 """
@@ -67,7 +67,6 @@ class JudgeVQAScore:
 
     def __init__(self, judge: JudgeClient):
         self.judge = judge
-        self.note = NOT_COMPARABLE.format(model=judge.model)
 
     def score(self, items: Sequence[tuple[EvalPrompt, Image.Image]]) -> list[Verdict]:
         return judge_all(self.judge, self._score_one, items)
@@ -88,12 +87,9 @@ def vqa_messages(prompt: str, image: Image.Image) -> list[dict]:
 
 
 class HFVQAScore:
-    """VQAScore from a local Hugging Face image-text-to-text model: the probability of the answer "Yes"
-    (all of its tokens) right after the question, from the full-vocabulary softmax.
-
-    Decoder-only models (Qwen2.5-VL, LLaVA) get the question through the processor's chat template;
-    encoder-decoder ones (InstructBLIP-FlanT5) as plain text, with "Yes" scored by the decoder.
-    """
+    """VQAScore from a local decoder-only Hugging Face image-text-to-text model (Qwen2.5-VL, LLaVA): the
+    probability of the answer "Yes" (all of its tokens) right after the question, asked through the
+    processor's chat template, from the full-vocabulary softmax (as t2v_metrics scores Qwen2-VL)."""
 
     name = "genai_bench"
     CHECKPOINT = ("a Hugging Face image-text-to-text model to compute VQAScore with", "Qwen/Qwen2.5-VL-7B-Instruct")
@@ -110,43 +106,39 @@ class HFVQAScore:
         self.model = AutoModelForImageTextToText.from_pretrained(
             folder, local_files_only=True, dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32
         ).to(self.device).eval()
-        self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False)
-                                    or getattr(getattr(self.model.config, "text_config", None), "is_encoder_decoder",
-                                               False))
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        if getattr(self.model.config, "is_encoder_decoder", False) or getattr(text_config, "is_encoder_decoder", False):
+            raise ValueError(f"{folder}: an encoder-decoder model; VQAScore here takes a decoder-only one "
+                             "(Qwen2.5-VL, LLaVA)")
+        if not getattr(self.processor, "chat_template", None):
+            raise ValueError(f"{folder}: its processor has no chat template to ask the question with")
         self.tokenizer = self.processor.tokenizer
-        self.answer_ids = self.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
-        if not self.answer_ids:
-            raise ValueError(f"{folder}: its tokenizer turns {ANSWER!r} into no tokens")
-        self.note = None
 
     def score(self, items: Sequence[tuple[EvalPrompt, Image.Image]]) -> list[Verdict]:
         return [Verdict(self.probability(prompt.prompt, image), {}) for prompt, image in items]
 
     def _question(self, prompt: str) -> str:
-        question = QUESTION.format(prompt=prompt)
-        if self.encoder_decoder or not getattr(self.processor, "chat_template", None):
-            return question
-        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        question = {"type": "text", "text": QUESTION.format(prompt=prompt)}
+        chat = [{"role": "user", "content": [{"type": "image"}, question]}]
         return self.processor.apply_chat_template(chat, add_generation_prompt=True)
 
     def probability(self, prompt: str, image: Image.Image) -> float:
         """P("Yes") for one image (one at a time: processors pad and place image tokens differently)."""
         import torch
 
-        answer = torch.tensor(self.answer_ids, device=self.device)
-        n = len(answer)
         question = self._question(prompt)
+        # The answer's tokens as they follow the question (a tokenizer may merge or prefix a space).
+        asked = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(question + ANSWER, add_special_tokens=False)["input_ids"]
+        if full[:len(asked)] != asked or len(full) == len(asked):
+            raise ValueError(f"the tokenizer does not keep the question's tokens when {ANSWER!r} follows it")
+        answer = torch.tensor(full[len(asked):], device=self.device)
+        n = len(answer)
+        inputs = self.processor(images=image, text=question + ANSWER, return_tensors="pt").to(self.device)
+        if not torch.equal(inputs["input_ids"][0, -n:], answer):
+            raise ValueError(f"the processor did not keep {ANSWER!r} as the last tokens of the prompt")
         with torch.inference_mode():
-            if self.encoder_decoder:
-                inputs = self.processor(images=image, text=question, return_tensors="pt").to(self.device)
-                start = torch.tensor([[self.model.config.text_config.decoder_start_token_id]], device=self.device)
-                logits = self.model(**inputs, decoder_input_ids=torch.cat([start, answer[None]], 1)).logits[0, :n]
-            else:
-                text = question + self.tokenizer.decode(self.answer_ids)
-                inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device)
-                if not torch.equal(inputs["input_ids"][0, -n:], answer):
-                    raise ValueError(f"the processor did not keep {ANSWER!r} as the last tokens of the prompt")
-                logits = self.model(**inputs).logits[0, -n - 1:-1]
+            logits = self.model(**inputs).logits[0, -n - 1:-1]  # each answer token predicted from before it
         return float(torch.log_softmax(logits.float(), dim=-1).gather(1, answer[:, None]).sum().exp())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from irg.eval.benchmarks import EvalPrompt
 from irg.eval.scorer_settings import ScorerSettings
 from irg.eval.scoring import Verdict
 
+# What an MLflow metric name may not hold.
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
 GRID_PROMPTS = 12
 GRID_IMAGE = 160
 
@@ -29,13 +32,15 @@ class Report:
     notes: list[str] = field(default_factory=list)  # how it was scored, where a reader must know
 
     def metrics(self) -> dict[str, float]:
-        """``round1/<line>``, ..., and ``delta/<line>`` (last round minus round 1); absent lines are left out."""
+        """``round1/<line>``, ..., and ``delta/<line>`` (last round minus round 1) as MLflow metric names
+        (TIIF's ``shape+color`` as ``shape-color``); absent lines are left out."""
         metrics = {f"{r}/{c}": v for r, scores in self.rounds.items() for c, v in scores.items() if v is not None}
         names = list(self.rounds)
         if len(names) > 1:
             first, last = self.rounds[names[0]], self.rounds[names[-1]]
             metrics.update({f"delta/{c}": last[c] - first[c] for c in first
                             if first[c] is not None and last.get(c) is not None})
+        metrics = {_METRIC_UNSAFE.sub("_", name.replace("+", "-")): v for name, v in metrics.items()}
         metrics["failures"] = self.failures
         return metrics
 
