@@ -17,6 +17,7 @@ from test_paper_benchmarks import logprob_reply
 
 from irg import tracking
 from irg.cli import main as irg_main
+from irg.eval.benchmarks import load_benchmark
 from irg.eval.generate import GenerationSettings
 from irg.eval.run import EvalConfig, evaluate
 from irg.eval.scorer_settings import ScorerSettings
@@ -58,37 +59,52 @@ def test_three_benchmarks_evaluate_resume_from_the_cache_and_make_the_paper_tabl
         return EvalConfig(str(FIXTURE_DIR), benchmark, name=benchmark, output=str(tmp_path / benchmark), limit=limit,
                           generation=SETTINGS, scorer=judge, batch_size=2, device="cpu")
 
-    tiif = evaluate(config("tiif", 4))  # the first two rows of shape+color, short and long
+    tiif = evaluate(config("tiif", 4))  # row 0 of shape+color and of color+texture, each short and long
     asked = len(fake.requests)
     probe = 1  # genai_bench's check that the judge gives log-probabilities
     genai = evaluate(config("genai_bench", 3))
-    oneig = evaluate(config("oneig", 2))  # two anime prompts: alignment
+    oneig = evaluate(config("oneig", 5))  # one prompt of each category
 
-    # TIIF: the judge said no to each row's first question; expected answers are all yes for these rows.
+    # TIIF: the judge said no to each row's first question and yes to the rest.
     rows = [json.loads(line) for line in (tmp_path / "tiif" / "scores.jsonl").read_text().splitlines()]
     assert asked == len(rows) == 4 * 2  # one request per image, each round of each prompt
-    questions = {r["prompt_id"]: r["details"]["questions"] for r in rows}
+    prompts = {p.id: p for p in load_benchmark("tiif", 4)}
+    accuracy = {}
+    for prompt in prompts.values():
+        answers = prompt.metadata["answers"]
+        right = (answers[0] == "no") + sum(a == "yes" for a in answers[1:])
+        accuracy[prompt.category] = right / len(answers)
     for variant in ("short", "long"):
-        asked_here = sum(n for p, n in questions.items() if p.endswith(variant))
-        expected = (asked_here - 2) / asked_here  # 2 rows, 1 missed each
+        for kind in ("shape+color", "color+texture"):
+            assert tiif.rounds["round2"][f"{variant}/type/{kind}"] == pytest.approx(accuracy[f"{variant}/{kind}"])
+        group = (accuracy[f"{variant}/shape+color"] + accuracy[f"{variant}/color+texture"]) / 2
         for r in ("round1", "round2"):
-            assert tiif.rounds[r][f"{variant}/type/shape+color"] == pytest.approx(expected)
-            assert tiif.rounds[r][f"{variant}/overall"] == pytest.approx(expected)  # one group with images
+            assert tiif.rounds[r][f"{variant}/basic/attribute"] == pytest.approx(group)
+            assert tiif.rounds[r][f"{variant}/overall"] == pytest.approx(group)  # the one group with images
     report = json.loads((tmp_path / "tiif" / "report.json").read_text())
-    assert report["rounds"]["round2"]["short/basic/attribute"] == pytest.approx(expected)
-    assert report["counts"] == {"short/shape+color": 2, "long/shape+color": 2}
+    assert report["rounds"] == tiif.rounds
+    assert report["counts"] == {f"{v}/{k}": 1 for v in ("short", "long") for k in ("shape+color", "color+texture")}
+    expected = tiif.rounds["round1"]["short/overall"]
 
     assert genai.rounds["round1"]["overall"] == pytest.approx(0.6)
     assert len(genai.notes) == 1 and "not comparable" in genai.notes[0]
-    assert oneig.rounds["round2"]["alignment"] == 1.0 and oneig.rounds["round2"]["alignment/Anime_Stylization"] == 1.0
-    assert oneig.rounds["round2"]["text"] is None and oneig.rounds["round2"]["overall"] is None  # absent, not 0
+    # OneIG: every question answered yes; no text read; reasoning not scored.
+    second = oneig.rounds["round2"]
+    assert second["alignment"] == 1.0 and second["alignment/Portrait"] == 1.0
+    poster = next(p for p in load_benchmark("oneig", 5) if p.category == "Text_Rendering")
+    missing = len(" ".join(" ".join(poster.metadata["text"]).split()))  # nothing read: ED is the text's length
+    assert second["text/ed"] >= min(missing, 100) * 0.9 and second["text/cr"] == 0 and second["text/wac"] == 0
+    assert second["reasoning"] is None and second["overall"] is None  # absent, not 0
+    oneig_rows = [json.loads(line) for line in (tmp_path / "oneig" / "scores.jsonl").read_text().splitlines()]
+    assert [r["score"] for r in oneig_rows if r["prompt_id"].startswith("Knowledge")] == [None, None]
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("irg-eval").experiment_id
     runs = {r.data.tags["irg.run_key"]: r for r in client.search_runs([experiment])}
     assert set(runs) == {"tiif", "genai_bench", "oneig"}
     assert runs["tiif"].data.metrics["round1/short/overall"] == pytest.approx(expected)
-    assert "round1/text" not in runs["oneig"].data.metrics  # absent values are not logged as metrics
+    assert runs["tiif"].data.metrics["round1/short/type/shape-color"] == tiif.rounds["round1"]["short/type/shape+color"]
+    assert "round1/reasoning" not in runs["oneig"].data.metrics  # absent values are not logged as metrics
     judged = len(fake.requests)
     cached = len(list((tmp_path / "tiif" / "judge-cache").rglob("*.json")))
     assert cached == 8

@@ -66,6 +66,19 @@ def test_oneig_en_holds_1120_prompts_in_five_categories_with_their_records():
     assert len({p.id for p in prompts}) == 1120  # ids restart in each category: the key is category + id
 
 
+def test_a_limit_takes_rows_from_each_category_in_turn():
+    assert [p.id for p in load_benchmark("tiif", 5)] == ["shape-color-000-short", "shape-color-000-long",
+                                                          "color-texture-000-short", "color-texture-000-long",
+                                                          "texture-color-000-short"]  # a row's variants together
+    oneig = load_benchmark("oneig", 7)
+    assert [p.category for p in oneig] == ["Anime_Stylization", "Portrait", "General_Object", "Text_Rendering",
+                                           "Knowledge_Reasoning", "Anime_Stylization", "Portrait"]
+    assert [p.id for p in oneig[5:]] == ["Anime_Stylization-001", "Portrait-001"]
+    assert {p.category for p in load_benchmark("tiif", 2 * 39)} == {p.category for p in load_benchmark("tiif")
+                                                                    if p.category.startswith(("short", "long"))}
+    assert len(load_benchmark("oneig", 5000)) == 1120
+
+
 def test_a_split_the_benchmark_does_not_have_is_refused():
     with pytest.raises(ValueError, match="split: genai_bench has no split 'full'; it takes one of 1600, 527"):
         load_benchmark("genai_bench", split="full")

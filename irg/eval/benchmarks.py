@@ -16,6 +16,9 @@ from importlib import resources
 from irg import storage
 
 BENCHMARKS = ("geneval", "wise", "tiif", "genai_bench", "oneig", "shapes")
+# Benchmarks whose --limit takes rows from each category in turn: (category, row) of a prompt.
+SPREAD = {"tiif": (lambda p: p.metadata["type"], lambda p: (p.metadata["type"], p.metadata["line"])),
+          "oneig": (lambda p: p.category, lambda p: p.id)}
 # Benchmarks with more than one official prompt set, and the one they load by default.
 SPLITS = {"tiif": ("testmini", "full"), "genai_bench": ("1600", "527")}
 SHAPES_DEFAULT_PER_CATEGORY = 10
@@ -33,8 +36,10 @@ def load_benchmark(name: str, limit: int | None = None, seed: int = 0, split: st
     """Prompts of ``name`` (one of :data:`BENCHMARKS`, or a GenEval-format ``.jsonl`` path or URI).
 
     ``split`` picks the prompt set of a benchmark that has several (:data:`SPLITS`; the first is the
-    default). ``limit`` keeps the first N prompts; for ``shapes`` it is the number of prompts to draw
-    (default 10 per GenEval category), from ``seed``.
+    default). ``limit`` keeps the first N prompts, except where a benchmark's categories come one after
+    another (TIIF's types, OneIG's categories): there it takes rows from each category in turn, so a
+    small run covers all of them; for ``shapes`` it is the number of prompts to draw (default 10 per
+    GenEval category), from ``seed``.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit: must be >= 1, got {limit}")
@@ -67,7 +72,29 @@ def load_benchmark(name: str, limit: int | None = None, seed: int = 0, split: st
             prompts = _geneval_prompts(f.read().splitlines(), name)
     else:
         raise ValueError(f"benchmark: unknown {name!r}, expected one of {BENCHMARKS} or a GenEval-format .jsonl file")
+    if limit and name in SPREAD:
+        return spread(prompts, limit, *SPREAD[name])
     return prompts[:limit] if limit else prompts
+
+
+def spread(prompts: list[EvalPrompt], limit: int, category, row) -> list[EvalPrompt]:
+    """The first ``limit`` prompts taking rows (prompts sharing ``row(p)``, e.g. TIIF's short and long) from
+    each ``category(p)`` in turn, each category's rows in their order."""
+    queues: dict[object, list[list[EvalPrompt]]] = {}
+    for prompt in prompts:
+        rows = queues.setdefault(category(prompt), [])
+        if rows and row(rows[-1][0]) == row(prompt):
+            rows[-1].append(prompt)
+        else:
+            rows.append([prompt])
+    taken: list[EvalPrompt] = []
+    for depth in range(max(len(rows) for rows in queues.values())):
+        for rows in queues.values():
+            if depth < len(rows):
+                taken += rows[depth]
+            if len(taken) >= limit:
+                return taken[:limit]
+    return taken
 
 
 def shapes_prompts(count: int, seed: int = 0) -> list[EvalPrompt]:
