@@ -49,6 +49,7 @@ def scripted(body: dict):
 
 def test_three_benchmarks_evaluate_resume_from_the_cache_and_make_the_paper_table(fake, local_ray, tmp_path,
                                                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # MLflow keeps the runs' artifacts under ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("IRG_HOME", str(tmp_path / "home"))
     tracking.configure()
