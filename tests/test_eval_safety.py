@@ -138,7 +138,12 @@ MISTAKES = {
         "'/nonexistent/vqa' does not exist: expected a Hugging Face image-text-to-text model to compute VQAScore"),
     "a template oneig does not take": (
         ["--benchmark", "oneig", "--judge-url", "http://vllm:8000/v1", "--judge-model", "vl",
-         "--judge-template", "mine.txt"], "only wise and tiif take a template"),
+         "--judge-template", "mine.txt"], "scorer oneig does not use --judge-template$"),
+    "a VQA model and a judge": (["--benchmark", "genai_bench", "--vqa-model", "/models/vqa", "--judge-url",
+                                 "http://vllm:8000/v1"], "scorer genai_bench does not use --judge-url; genai_bench "
+                                                         "takes --vqa-model or a judge, not both"),
+    "a detector for tiif": (["--benchmark", "tiif", "--detector", "/models/m2f", "--judge-url", "http://vllm:8000/v1",
+                             "--judge-model", "vl"], "scorer tiif does not use --detector$"),
     "tiif on wise prompts": (WISE + ["--scorer", "tiif", "--judge-url", "http://vllm:8000/v1"],
                              r"it is not a TIIF-Bench row \(no answers\)"),
     "an unknown split": (["--benchmark", "tiif", "--split", "mini"],

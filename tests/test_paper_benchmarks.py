@@ -121,6 +121,17 @@ def test_tiif_reads_one_answer_per_line(reply, answers):
     assert parse_answers(reply, 3) == answers
 
 
+def test_a_tiif_template_must_hold_the_questions(fake):
+    with pytest.raises(ValueError, match=r"template: lacks \{questions\}"):
+        TiifScorer(JudgeClient(fake.base_url, MODEL), template="Judge this image.")
+
+
+def test_report_lines_that_collide_as_metric_names_are_refused():
+    clash = Report("r", "geneval", {"round1": {"a+b": 1.0, "a-b": 0.0}}, {})
+    with pytest.raises(ValueError, match="differ only in characters MLflow metric names cannot hold"):
+        clash.metrics()
+
+
 def test_tiif_refuses_a_reply_with_the_wrong_number_of_answers():
     with pytest.raises(TiifParseError, match="2 yes/no lines for 3 questions"):
         parse_answers("yes\nnoted: no\nyesterday\nno", 3)  # "noted", "yesterday" are not answers
@@ -279,7 +290,7 @@ def test_genai_bench_judge_stand_in_asks_for_logprobs_and_is_labelled(fake):
                                                          "Please answer yes or no.")
     settings = ScorerSettings("genai_bench", judge_url=fake.base_url, judge_model=MODEL)
     assert settings.notes == [f"VQAScore from the judge's log-probabilities ({MODEL}), not from the benchmark's "
-                              "scoring model: not comparable with published GenAI-Bench numbers"]
+                              "scoring model (CLIP-FlanT5-XXL): not comparable with published GenAI-Bench numbers"]
 
 
 def test_genai_bench_refuses_a_judge_without_logprobs_before_generating(fake):
@@ -296,8 +307,9 @@ def test_genai_bench_refuses_a_judge_without_logprobs_before_generating(fake):
 # --- the paper's table ----------------------------------------------------------------------------
 
 
-def report(scorer: str, model: str, rounds: dict, notes: list[str] | None = None) -> Report:
-    return Report(f"{scorer}-{model}", scorer, rounds, {}, meta={"model": model}, notes=notes or [])
+def report(scorer: str, model: str, rounds: dict, notes: list[str] | None = None, **meta) -> Report:
+    meta = {"model": f"models:/{model}@champion", "checkpoint": f"models:/{model}/3", "benchmark": scorer, **meta}
+    return Report(f"{scorer}-{model}", scorer, rounds, {}, meta=meta, notes=notes or [])
 
 
 def test_paper_table_lays_out_a_model_per_round_and_a_benchmark_per_column():
@@ -306,15 +318,21 @@ def test_paper_table_lays_out_a_model_per_round_and_a_benchmark_per_column():
                                       "round2": {"short/overall": 0.76, "long/overall": 0.7377}}),
                report("genai_bench", "irg", {"round1": {"overall": 0.5}, "round2": {"overall": 0.6}}, ["stand-in"]),
                report("oneig", "irg", {"round1": {"overall": None}, "round2": {"overall": None}}),
-               report("wise", "bagel", {"round1": {"overall": 0.52}, "round2": {"overall": 0.7}})]
+               report("wise", "bagel", {"round1": {"overall": 0.52}, "round2": {"overall": 0.7}}),
+               report("tiif", "bagel", {"round1": {"short/overall": 0.5, "long/overall": 0.5}}, split="full")]
     lines = paper_table(reports).splitlines()
     assert lines[0].split() == ["model", "GenEval", "WISE", "TIIF", "short/long", "GenAI-Bench", "OneIG-EN"]
-    assert lines[2].split() == ["irg", "·", "round", "1", "0.800", "-", "70.00/71.00", "0.500*", "-"]
-    assert lines[3].split() == ["irg", "·", "round", "2", "0.850", "-", "76.00/73.77", "0.600*", "-"]
-    assert lines[4].split() == ["bagel", "·", "round", "1", "-", "0.520", "-", "-", "-"]
-    assert lines[-1] == "* irg, genai_bench: stand-in"
-    with pytest.raises(ValueError, match="both evaluate irg on geneval: give one"):
+    assert lines[2].split() == ["models:/irg/3", "·", "round", "1", "0.800", "-", "70.00/71.00", "0.500*", "-"]
+    assert lines[3].split() == ["models:/irg/3", "·", "round", "2", "0.850", "-", "76.00/73.77", "0.600*", "-"]
+    assert lines[4].split() == ["models:/bagel/3", "·", "round", "1", "-", "0.520", "50.00/50.00*", "-", "-"]
+    assert lines[-2:] == ["* models:/irg/3, genai_bench: stand-in",
+                          "* models:/bagel/3, tiif: the full prompt set, not testmini"]
+    with pytest.raises(ValueError, match="both evaluate models:/irg/3 on geneval: give one"):
         paper_table(reports + [report("geneval", "irg", {"round1": {"overall": 0.1}})])
+    # The same name, another version: a line of its own.
+    promoted = report("geneval", "irg", {"round1": {"overall": 0.9}}, checkpoint="models:/irg/4")
+    assert paper_table(reports + [promoted]).splitlines()[6].split()[:5] == ["models:/irg/4", "·", "round", "1",
+                                                                             "0.900"]
     with pytest.raises(ValueError, match="scored by shapes, which is not a column"):
         paper_table([report("shapes", "irg", {"round1": {"overall": 0.1}})])
 
@@ -367,17 +385,19 @@ def vqa_dir(tmp_path_factory):
 def test_vqascore_from_a_local_model_is_the_probability_of_every_answer_token(vqa_dir):
     import torch
 
-    from irg.eval.genai_bench import HFVQAScore
+    from irg.eval.genai_bench import HFVQAScore, vqa_question
 
     settings = ScorerSettings("genai_bench", vqa_model=str(vqa_dir), device="cpu")
     settings.check(load_benchmark("genai_bench", limit=2))
-    assert not settings.uses_judge and settings.notes == []
+    assert not settings.uses_judge and settings.notes == [
+        f"VQAScore from the local model {vqa_dir}, not from the benchmark's scoring model (CLIP-FlanT5-XXL): "
+        "not comparable with published GenAI-Bench numbers"]
     scorer = settings.build()
     image = Image.new("RGB", (40, 30), (200, 30, 30))
     [verdict] = scorer.score([(EvalPrompt("0", "a red square", "basic", {"skills": ["basic"]}), image)])
 
     # The same probability from the model's own loss on the answer's three tokens (Y, e, s).
-    question = scorer._question("a red square")
+    question = vqa_question(scorer.processor, "a red square")
     inputs = scorer.processor(images=image, text=question + "Yes", return_tensors="pt")
     labels = torch.full_like(inputs["input_ids"], -100)
     labels[0, -3:] = inputs["input_ids"][0, -3:]
@@ -390,3 +410,19 @@ def test_vqascore_from_a_local_model_is_the_probability_of_every_answer_token(vq
     torch.nn.init.zeros_(uniform.model.get_output_embeddings().weight)
     vocabulary = uniform.model.config.text_config.vocab_size
     assert uniform.probability("anything", image) == pytest.approx(vocabulary ** -3, rel=1e-5)
+
+
+def test_a_vqa_folder_that_cannot_score_fails_the_check_before_generating(vqa_dir, tmp_path):
+    import json
+    import shutil
+
+    untemplated = shutil.copytree(vqa_dir, tmp_path / "no-template")
+    (untemplated / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match="its processor has no chat template"):
+        ScorerSettings("genai_bench", vqa_model=str(untemplated)).check()
+
+    seq2seq = shutil.copytree(vqa_dir, tmp_path / "seq2seq")
+    config = json.loads((seq2seq / "config.json").read_text())
+    (seq2seq / "config.json").write_text(json.dumps({**config, "is_encoder_decoder": True}))
+    with pytest.raises(ValueError, match="an encoder-decoder model; VQAScore here takes a decoder-only one"):
+        ScorerSettings("genai_bench", vqa_model=str(seq2seq)).check()

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from irg.eval.benchmarks import EvalPrompt, load_benchmark
+from irg.eval.scorer_settings import ScorerSettings
 from irg.eval.scoring import summarize
 from irg.eval.wise import WISE_TEMPLATE, WiseParseError, WiseScorer, parse_wise_scores, wiscore, wise_messages
 
@@ -51,7 +52,7 @@ def test_parse_rejects_the_template_placeholders():
 
 def test_overall_is_the_mean_over_prompts_not_over_categories():
     rows = [("Biology", 1.0), ("Biology", 1.0), ("Biology", 0.4), ("Chemistry", 0.0)]
-    summary = summarize(rows, overall=WiseScorer.overall)
+    summary = summarize(rows, overall=ScorerSettings("wise").overall)
     assert summary["Biology"] == pytest.approx(0.8)  # (1 + 1 + 0.4) / 3
     assert summary["Chemistry"] == 0.0
     # Prompts: 2.4 / 4 = 0.6; the mean of the category means would be (0.8 + 0) / 2 = 0.4.

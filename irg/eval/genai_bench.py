@@ -20,14 +20,14 @@ from irg.eval.benchmarks import EvalPrompt, packaged
 from irg.eval.judge import JudgeClient, image_part, judge_all
 from irg.eval.scoring import Verdict
 
-SPLITS = {"1600": "GenAI1600", "527": "GenAI527"}
+SPLITS = {"1600": "GenAI1600", "527": "GenAI527"}  # our name (benchmarks.SPLITS) -> the folder
 BASIC_SKILLS = ("attribute", "scene", "spatial relation", "action relation", "part relation")
 ADVANCED_SKILLS = ("counting", "comparison", "differentiation", "negation", "universal")
 QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
 ANSWER = "Yes"
 # How many alternatives t2v_metrics asks GPT-4o for; "Yes" outside them scores 0.
 TOP_LOGPROBS = 20
-NOT_COMPARABLE = ("VQAScore from the judge's log-probabilities ({model}), not from the benchmark's scoring model: "
+NOT_COMPARABLE = ("VQAScore from {source}, not from the benchmark's scoring model (CLIP-FlanT5-XXL): "
                   "not comparable with published GenAI-Bench numbers")
 
 
@@ -35,8 +35,6 @@ def load_genai_bench(split: str = "1600") -> list[EvalPrompt]:
     """Every prompt with its skill tags (``metadata["skills"]``); category ``basic``, ``advanced`` or
     ``untagged`` (7 of the 1600). The skill files index prompts by ``int(key)`` in both sets (0-based
     keys in the 1600, 1-based in the 527)."""
-    if split not in SPLITS:
-        raise ValueError(f"genai_bench: unknown split {split!r}, expected one of {', '.join(SPLITS)}")
     folder = SPLITS[split]
     images = json.loads(packaged(f"genai_bench/{folder}/genai_image.json"))
     skills: dict[int, list[str]] = {}
@@ -52,8 +50,9 @@ def load_genai_bench(split: str = "1600") -> list[EvalPrompt]:
 
 
 def yes_probability(top: Sequence[tuple[str, float]]) -> float:
-    """P("Yes") from a first token's top log-probabilities: the first alternative that reads "yes"
-    (any case, spaces stripped), exp of its log-probability; 0 if none does (as t2v_metrics scores GPT-4o)."""
+    """P("Yes") from a first token's top log-probabilities: exp of the first alternative's that reads "yes";
+    0 if none does, as t2v_metrics scores GPT-4o. Its published run matched exactly "Yes"; any case and
+    spaces are accepted here, as in its later version, since a chat model may answer " yes"."""
     for token, logprob in top:
         if token.strip().lower() == "yes":
             return math.exp(logprob)
@@ -96,43 +95,45 @@ class HFVQAScore:
 
     def __init__(self, folder: str, device: str = "cpu"):
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
-        from irg.eval.hf_detection import local_checkpoint
-
-        local_checkpoint(folder, *self.CHECKPOINT)
+        self.processor = self.load_processor(folder)
+        self.tokenizer = self.processor.tokenizer
         self.device = torch.device(device)
-        self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
         self.model = AutoModelForImageTextToText.from_pretrained(
             folder, local_files_only=True, dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32
         ).to(self.device).eval()
-        text_config = getattr(self.model.config, "text_config", self.model.config)
-        if getattr(self.model.config, "is_encoder_decoder", False) or getattr(text_config, "is_encoder_decoder", False):
+
+    @classmethod
+    def load_processor(cls, folder: str):
+        """The folder's processor, once its config and processor show the model can give VQAScores here (a
+        decoder-only model with a chat template that keeps "Yes" after the question): checked without
+        loading the weights, so a wrong folder fails before any image is drawn."""
+        from transformers import AutoConfig, AutoProcessor
+
+        from irg.eval.hf_detection import local_checkpoint
+
+        local_checkpoint(folder, *cls.CHECKPOINT)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        if getattr(config, "is_encoder_decoder", False) or getattr(config.get_text_config(), "is_encoder_decoder",
+                                                                   False):
             raise ValueError(f"{folder}: an encoder-decoder model; VQAScore here takes a decoder-only one "
                              "(Qwen2.5-VL, LLaVA)")
-        if not getattr(self.processor, "chat_template", None):
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        if not getattr(processor, "chat_template", None):
             raise ValueError(f"{folder}: its processor has no chat template to ask the question with")
-        self.tokenizer = self.processor.tokenizer
+        answer_tokens(processor.tokenizer, vqa_question(processor, "a cat"))
+        return processor
 
     def score(self, items: Sequence[tuple[EvalPrompt, Image.Image]]) -> list[Verdict]:
         return [Verdict(self.probability(prompt.prompt, image), {}) for prompt, image in items]
-
-    def _question(self, prompt: str) -> str:
-        question = {"type": "text", "text": QUESTION.format(prompt=prompt)}
-        chat = [{"role": "user", "content": [{"type": "image"}, question]}]
-        return self.processor.apply_chat_template(chat, add_generation_prompt=True)
 
     def probability(self, prompt: str, image: Image.Image) -> float:
         """P("Yes") for one image (one at a time: processors pad and place image tokens differently)."""
         import torch
 
-        question = self._question(prompt)
-        # The answer's tokens as they follow the question (a tokenizer may merge or prefix a space).
-        asked = self.tokenizer(question, add_special_tokens=False)["input_ids"]
-        full = self.tokenizer(question + ANSWER, add_special_tokens=False)["input_ids"]
-        if full[:len(asked)] != asked or len(full) == len(asked):
-            raise ValueError(f"the tokenizer does not keep the question's tokens when {ANSWER!r} follows it")
-        answer = torch.tensor(full[len(asked):], device=self.device)
+        question = vqa_question(self.processor, prompt)
+        answer = torch.tensor(answer_tokens(self.tokenizer, question), device=self.device)
         n = len(answer)
         inputs = self.processor(images=image, text=question + ANSWER, return_tensors="pt").to(self.device)
         if not torch.equal(inputs["input_ids"][0, -n:], answer):
@@ -140,6 +141,22 @@ class HFVQAScore:
         with torch.inference_mode():
             logits = self.model(**inputs).logits[0, -n - 1:-1]  # each answer token predicted from before it
         return float(torch.log_softmax(logits.float(), dim=-1).gather(1, answer[:, None]).sum().exp())
+
+
+def vqa_question(processor, prompt: str) -> str:
+    """The VQAScore question about ``prompt`` in the processor's chat template, the image first."""
+    question = {"type": "text", "text": QUESTION.format(prompt=prompt)}
+    return processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, question]}],
+                                         add_generation_prompt=True)
+
+
+def answer_tokens(tokenizer, question: str) -> list[int]:
+    """The tokens of "Yes" as they follow ``question`` (a tokenizer may merge or prefix a space)."""
+    asked = tokenizer(question, add_special_tokens=False)["input_ids"]
+    full = tokenizer(question + ANSWER, add_special_tokens=False)["input_ids"]
+    if full[:len(asked)] != asked or len(full) == len(asked):
+        raise ValueError(f"the tokenizer does not keep the question's tokens when {ANSWER!r} follows it")
+    return full[len(asked):]
 
 
 def summarize_genai_bench(rows: Sequence[tuple[EvalPrompt, Verdict]]) -> dict[str, float | None]:

@@ -133,8 +133,6 @@ def evaluate(record: dict, objects: dict[str, list[Detection]],
 class GenEvalScorer:
     """GenEval on any :class:`Detector` and :class:`ColorClassifier`; 1.0 for a correct image, else 0.0."""
 
-    overall = "categories"
-
     def __init__(self, detector: Detector, colors: ColorClassifier, rules: GenEvalRules = GenEvalRules(),
                  name: str = "geneval"):
         self.detector, self.colors, self.rules, self.name = detector, colors, rules, name

@@ -46,12 +46,15 @@ def image_part(image: Image.Image) -> dict:
     return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
 
 
-def check_template(template: str, allowed: set[str]) -> None:
-    """A judge prompt template may use only the ``allowed`` {fields} (it is filled with str.format)."""
+def check_template(template: str, allowed: set[str], required: set[str]) -> None:
+    """A judge prompt template may use only the ``allowed`` {fields} (it is filled with str.format) and
+    must use the ``required`` ones (without them the judge is not asked what it should judge)."""
     fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     if fields - allowed:
         raise ValueError(f"template: unknown fields {sorted(fields - allowed)}; it may use "
                          f"{', '.join('{' + f + '}' for f in sorted(allowed))} (double other braces)")
+    if required - fields:
+        raise ValueError(f"template: lacks {', '.join('{' + f + '}' for f in sorted(required - fields))}")
 
 
 def judge_all(judge: JudgeClient, score_one: Callable, items: Sequence[tuple]) -> list:
@@ -124,10 +127,11 @@ class JudgeClient:
         self._stats_lock = threading.Lock()
         self.stats = {"requests": 0, "cache_hits": 0, "retries": 0}
 
-    def complete(self, messages: list[dict]) -> str:
-        """The judge's reply (``choices[0].message.content``) to ``messages``, from the cache if it has it."""
+    def complete(self, messages: list[dict], max_tokens: int | None = None) -> str:
+        """The judge's reply (``choices[0].message.content``) to ``messages``, from the cache if it has it;
+        at most ``max_tokens`` long (default: the client's)."""
         request = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                   "max_tokens": self.max_tokens}
+                   "max_tokens": max_tokens or self.max_tokens}
         return self._answer(request, self._content)
 
     def top_logprobs(self, messages: list[dict], k: int, cache: bool = True) -> list[tuple[str, float]]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from irg.eval.benchmarks import EvalPrompt
+from irg.eval.benchmarks import SPLITS, EvalPrompt
 from irg.eval.scorer_settings import ScorerSettings
 from irg.eval.scoring import Verdict
 
@@ -40,9 +40,12 @@ class Report:
             first, last = self.rounds[names[0]], self.rounds[names[-1]]
             metrics.update({f"delta/{c}": last[c] - first[c] for c in first
                             if first[c] is not None and last.get(c) is not None})
-        metrics = {_METRIC_UNSAFE.sub("_", name.replace("+", "-")): v for name, v in metrics.items()}
-        metrics["failures"] = self.failures
-        return metrics
+        safe = {_METRIC_UNSAFE.sub("_", name.replace("+", "-")): v for name, v in metrics.items()}
+        if len(safe) < len(metrics):
+            raise ValueError(f"{self.name}: report lines that differ only in characters MLflow metric names "
+                             f"cannot hold: {sorted(metrics)}")
+        safe["failures"] = self.failures
+        return safe
 
     def to_dict(self) -> dict:
         return {"name": self.name, "scorer": self.scorer, "rounds": self.rounds, "counts": self.counts,
@@ -70,7 +73,8 @@ def build_report(name: str, scorer: ScorerSettings, prompts: list[EvalPrompt], r
 
 
 def format_table(report: Report) -> str:
-    """Categories down, rounds across, then the change from round 1 to the last round."""
+    """Categories (or a benchmark's own lines) down, rounds across, then the change from round 1 to the
+    last round; ``-`` marks an absent value."""
     names = list(report.rounds)
     categories = _lines(report.rounds[names[0]])
     width = max(len(c) for c in categories + ["category"]) + 2
@@ -89,7 +93,7 @@ def format_table(report: Report) -> str:
 
 
 def _lines(scores: dict) -> list[str]:
-    """A report's lines in order, a plain ``overall`` last (``-`` marks an absent value)."""
+    """A report's lines in order, a plain ``overall`` last."""
     return [c for c in scores if c != "overall"] + (["overall"] if "overall" in scores else [])
 
 
@@ -98,8 +102,7 @@ def compare_table(a: Report, b: Report) -> str:
     rounds = [r for r in a.rounds if r in b.rounds]
     if not rounds:
         raise ValueError(f"{a.name} and {b.name} share no round to compare")
-    categories = list(dict.fromkeys(_lines(a.rounds[rounds[0]]) + _lines(b.rounds[rounds[0]])))
-    categories = [c for c in categories if c != "overall"] + (["overall"] if "overall" in categories else [])
+    categories = _lines(dict.fromkeys(_lines(a.rounds[rounds[0]]) + _lines(b.rounds[rounds[0]])))
     width = max(len(c) for c in categories + ["category"]) + 2
     columns = [(label, r) for r in rounds for label in ("A", "B")]
     header = "category".ljust(width) + "".join(f"{f'{label} {r}':>12}" for label, r in columns) + f"{'B-A':>9}"
@@ -124,14 +127,15 @@ PAPER_COLUMNS = (("GenEval", "geneval", ("overall",)), ("WISE", "wise", ("overal
 def paper_table(reports: list[Report]) -> str:
     """Evaluations laid out like the paper's results table: a line per model and round, a column per
     benchmark; ``-`` where a model has no evaluation of it or the value is absent, ``*`` on a value
-    with a note (e.g. a stand-in scorer), the notes below."""
+    with a note (a stand-in scorer, a prompt set other than the paper's), the notes below. Models are
+    told apart by checkpoint (a registered version, or a folder's digest), not by the name given."""
     columns = {scorer: (title, lines) for title, scorer, lines in PAPER_COLUMNS}
     models: dict[str, dict[str, Report]] = {}
     for report in reports:
         if report.scorer not in columns:
             raise ValueError(f"{report.name}: scored by {report.scorer}, which is not a column of the paper's table "
                              f"({', '.join(title for title, _, _ in PAPER_COLUMNS)})")
-        model = str(report.meta.get("model", report.name))
+        model = _model_label(report)
         earlier = models.setdefault(model, {}).get(report.scorer)
         if earlier is not None:
             raise ValueError(f"{earlier.name} and {report.name} both evaluate {model} on {report.scorer}: give one")
@@ -149,13 +153,30 @@ def paper_table(reports: list[Report]) -> str:
                     cells.append("-")
                     continue
                 cell = "/".join(f"{100 * v:.2f}" for v in values) if scorer == "tiif" else f"{values[0]:.3f}"
-                cells.append(cell + ("*" if report.notes else ""))
+                cells.append(cell + ("*" if _paper_notes(report) else ""))
             table.append(cells)
-        notes += [f"* {model}, {scorer}: {note}" for scorer, report in by_scorer.items() for note in report.notes]
+        notes += [f"* {model}, {scorer}: {note}" for scorer, report in by_scorer.items()
+                  for note in _paper_notes(report)]
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in [header, *table]]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *dict.fromkeys(notes)])
+
+
+def _model_label(report: Report) -> str:
+    """A registered model by its pinned version; a folder by its path and digest."""
+    checkpoint = str(report.meta.get("checkpoint", ""))
+    if checkpoint.startswith("models:/"):
+        return checkpoint
+    model = str(report.meta.get("model", report.name))
+    return f"{model} ({checkpoint.removeprefix('sha256:')[:8]})" if checkpoint else model
+
+
+def _paper_notes(report: Report) -> list[str]:
+    """The report's notes, and which prompt set it used where the paper's default was not."""
+    split = report.meta.get("split")
+    default = SPLITS.get(str(report.meta.get("benchmark")), (None,))[0]
+    return report.notes + ([f"the {split} prompt set, not {default}"] if split and split != default else [])
 
 
 def load_run_report(run: str, experiment: str = "irg-eval") -> Report:

@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from irg import storage
-from irg.eval.benchmarks import EvalPrompt, load_benchmark
+from irg.eval.benchmarks import SPLITS, EvalPrompt, load_benchmark
 from irg.eval.generate import GenerationSettings, finished_samples, generate_samples, read_image
 from irg.eval.report import Report, build_report, format_table, grid_image
 from irg.eval.scorer_settings import DEFAULT_SCORER, ScorerSettings
@@ -48,6 +48,8 @@ class EvalConfig:
     experiment: str = EXPERIMENT
 
     def __post_init__(self):
+        if self.split is None and self.benchmark in SPLITS:
+            self.split = SPLITS[self.benchmark][0]  # one name for the default set, whether given or not
         if self.scorer is None:
             self.scorer = ScorerSettings(kind=DEFAULT_SCORER.get(self.benchmark, "geneval"), device=self.device)
         if self.name is not None:
@@ -114,12 +116,14 @@ def pinned_model(model: str) -> str:
 
 
 def default_name(benchmark: str, model: str, split: str | None = None) -> str:
-    """``<benchmark>[-<split>]-<model>``, a pinned registered model as ``<NAME>-v<VERSION>``."""
+    """``<benchmark>-<model>`` (``<benchmark>-<split>-<model>`` for a set other than the default), a pinned
+    registered model as ``<NAME>-v<VERSION>``."""
     if model.startswith(REGISTRY_PREFIX):
         name, _, version = model.removeprefix(REGISTRY_PREFIX).rpartition("/")
         model = f"{name}-v{version}"
     benchmark = benchmark.rsplit("/", 1)[-1].removesuffix(".jsonl")
-    return _slug(f"{benchmark}-{split}-{model}" if split else f"{benchmark}-{model}")
+    other_set = split is not None and split != SPLITS.get(benchmark, (None,))[0]
+    return _slug(f"{benchmark}-{split}-{model}" if other_set else f"{benchmark}-{model}")
 
 
 def checkpoint_digest(path: str) -> str:

@@ -42,6 +42,15 @@ class ScorerSettings:
         """Fail before generating anything when the scorer could not be built, or could not score ``prompts``."""
         if self.kind not in SCORERS:
             raise ValueError(f"scorer: unknown {self.kind!r}, expected one of {SCORERS}")
+        unused = [flag for flag, value, used in (
+            ("--detector", self.detector, self.kind == "geneval"),
+            ("--color-classifier", self.color_classifier, self.kind == "geneval"),
+            ("--vqa-model", self.vqa_model, self.kind == "genai_bench"),
+            ("--judge-url", self.judge_url, self.uses_judge),
+            ("--judge-template", self.judge_template, self.kind in ("wise", "tiif"))) if value and not used]
+        if unused:
+            also = "; genai_bench takes --vqa-model or a judge, not both" if self.vqa_model and self.judge_url else ""
+            raise ValueError(f"scorer {self.kind} does not use {', '.join(unused)}{also}")
         if self.kind == "geneval":
             from irg.eval.hf_detection import ClipColorClassifier, Mask2FormerDetector, local_checkpoint
 
@@ -55,9 +64,6 @@ class ScorerSettings:
             if not self.judge_url or not self.judge_model:
                 raise ValueError(f"scorer {self.kind} needs --judge-url (an OpenAI-compatible /v1 endpoint) and "
                                  f"--judge-model{flag}")
-            if self.judge_template and self.kind not in ("wise", "tiif"):
-                raise ValueError(f"--judge-template: scorer {self.kind} asks its judge in the benchmark's own words; "
-                                 "only wise and tiif take a template")
             if self.judge_template and not os.path.isfile(self.judge_template):
                 raise FileNotFoundError(f"--judge-template {self.judge_template} does not exist")
             try:  # offline, as each scoring actor will: the judge's URL, rate and concurrency, the template's fields
@@ -74,9 +80,8 @@ class ScorerSettings:
                                      f"log-probabilities: {e}") from None
         if self.kind == "genai_bench" and self.vqa_model:
             from irg.eval.genai_bench import HFVQAScore
-            from irg.eval.hf_detection import local_checkpoint
 
-            local_checkpoint(self.vqa_model, *HFVQAScore.CHECKPOINT)
+            HFVQAScore.load_processor(self.vqa_model)
         for prompt in prompts:
             self._check_prompt(prompt)
 
@@ -122,10 +127,12 @@ class ScorerSettings:
     @property
     def notes(self) -> list[str]:
         """What a reader of the report must know about how it was scored."""
-        if self.kind == "genai_bench" and not self.vqa_model:
+        if self.kind == "genai_bench":
             from irg.eval.genai_bench import NOT_COMPARABLE
 
-            return [NOT_COMPARABLE.format(model=self.judge_model)]
+            source = (f"the local model {self.vqa_model}" if self.vqa_model
+                      else f"the judge's log-probabilities ({self.judge_model})")
+            return [NOT_COMPARABLE.format(source=source)]
         if self.kind == "oneig":
             from irg.eval.oneig import ABSENT
 
@@ -162,7 +169,7 @@ class ScorerSettings:
             from irg.eval.genai_bench import HFVQAScore
 
             return HFVQAScore(self.vqa_model, resolve_device(self.device))
-        if self.kind in SCORERS:
+        if self.uses_judge:
             return self._judged(cache)
         raise ValueError(f"scorer: unknown {self.kind!r}, expected one of {SCORERS}")
 
@@ -180,16 +187,16 @@ class ScorerSettings:
             from irg.eval.oneig import OneIGScorer
 
             return OneIGScorer(judge)
-        if self.kind == "tiif":
-            from irg.eval.tiif import TiifScorer as chosen
-        else:
-            from irg.eval.wise import WiseScorer as chosen
+        from irg.eval.tiif import TiifScorer
+        from irg.eval.wise import WiseScorer
+
+        scorer_class = TiifScorer if self.kind == "tiif" else WiseScorer
         if not self.judge_template:
-            return chosen(judge)
+            return scorer_class(judge)
         with open(self.judge_template) as f:
             template = f.read()
         try:
-            return chosen(judge, template=template)
+            return scorer_class(judge, template=template)
         except ValueError as e:
             raise ValueError(f"--judge-template {self.judge_template}: {e}") from None
 

@@ -17,22 +17,22 @@ from irg.eval.benchmarks import EvalPrompt
 
 @dataclass
 class Verdict:
-    """The score of one image in [0, 1] and why (GenEval: the failed conditions; WISE: the judge's marks)."""
-    score: float
+    """The score of one image in [0, 1] and why (GenEval: the failed conditions; WISE: the judge's marks);
+    None where the image's dimension is not scored (absent, never zero: OneIG's reasoning without its model)."""
+    score: float | None
     details: dict = field(default_factory=dict)
 
 
 class Scorer(Protocol):
     name: str
-    # How the overall score is formed: "categories" = mean of the category means (GenEval),
-    # "prompts" = mean over all prompts, i.e. categories weighted by their counts (WISE).
-    overall: str
 
     def score(self, items: Sequence[tuple[EvalPrompt, Image.Image]]) -> list[Verdict]: ...
 
 
 def summarize(rows: Iterable[tuple[str, float]], overall: str = "categories") -> dict[str, float]:
-    """Per-category means of ``(category, score)`` rows and their ``overall`` (see :class:`Scorer`)."""
+    """Per-category means of ``(category, score)`` rows and their ``overall``: "categories" = the mean of
+    the category means (GenEval), "prompts" = the mean over all prompts, i.e. categories weighted by
+    their counts (WISE)."""
     by_category: dict[str, list[float]] = {}
     for category, score in rows:
         by_category.setdefault(category, []).append(score)

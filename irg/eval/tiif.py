@@ -20,7 +20,7 @@ from irg.eval.benchmarks import EvalPrompt, packaged
 from irg.eval.judge import JudgeClient, check_template, image_part, judge_all
 from irg.eval.scoring import Verdict
 
-SPLITS = {"testmini": "testmini", "full": "test"}  # our name -> the folder prefix of the official files
+SPLITS = {"testmini": "testmini", "full": "test"}  # our name (benchmarks.SPLITS) -> the official files' prefix
 VARIANTS = ("short", "long")
 
 _REASONING = ("numeracy", "comparison", "differentiation", "negation")
@@ -47,8 +47,6 @@ def load_tiif(split: str = "testmini") -> list[EvalPrompt]:
     A prompt's id is ``<type>-<line>-<variant>`` (``+`` spelled ``-``), its category ``<variant>/<type>``,
     and its metadata the row's questions and expected answers.
     """
-    if split not in SPLITS:
-        raise ValueError(f"tiif: unknown split {split!r}, expected one of {', '.join(SPLITS)}")
     folder = SPLITS[split]
     prompts = []
     for kind in TYPES:
@@ -87,6 +85,8 @@ How to answer:
 - Start each line with "yes" or "no"; a short reason may follow on the same line.
 - Write nothing else: exactly as many lines as there are questions.
 """
+# Room for the answers: rows have up to 22 questions, each answered with a short reason.
+TOKENS_PER_QUESTION = 64
 FORMAT_REMINDER = ("Your answer could not be read: it needs exactly {count} lines, one per question in order, "
                    "each starting with \"yes\" or \"no\". Answer again in that form.")
 
@@ -123,7 +123,7 @@ class TiifScorer:
     name = "tiif"
 
     def __init__(self, judge: JudgeClient, template: str = TIIF_TEMPLATE, parse_retries: int = 3):
-        check_template(template, {"questions"})
+        check_template(template, {"questions"}, required={"questions"})
         if parse_retries < 0:
             raise ValueError(f"parse_retries: must be >= 0, got {parse_retries}")
         self.judge = judge
@@ -135,8 +135,9 @@ class TiifScorer:
 
     def _score_one(self, prompt: EvalPrompt, image: Image.Image) -> Verdict:
         expected = prompt.metadata["answers"]
+        room = max(self.judge.max_tokens, TOKENS_PER_QUESTION * len(expected))
         messages = tiif_messages(prompt, image, self.template)
-        reply = self.judge.complete(messages)
+        reply = self.judge.complete(messages, room)
         for retry in range(self.parse_retries + 1):
             try:
                 answers = parse_answers(reply, len(expected))
@@ -147,7 +148,7 @@ class TiifScorer:
                                          "judge": reply})
                 messages = [*messages, {"role": "assistant", "content": reply},
                             {"role": "user", "content": FORMAT_REMINDER.format(count=len(expected))}]
-                reply = self.judge.complete(messages)
+                reply = self.judge.complete(messages, room)
         correct = sum(a == e for a, e in zip(answers, expected))
         return Verdict(correct / len(expected), {"correct": correct, "questions": len(expected), "answers": answers,
                                                  "judge": reply})

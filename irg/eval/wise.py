@@ -117,11 +117,9 @@ class WiseScorer:
     times, then score 0 (as the official scorer treats missing marks) with a ``parse_error``."""
 
     name = "wise"
-    # WISE's overall weights the categories by their prompt counts, i.e. it is the mean over prompts.
-    overall = "prompts"
 
     def __init__(self, judge: JudgeClient, template: str = WISE_TEMPLATE, parse_retries: int = 2):
-        check_template(template, {"prompt", "explanation"})
+        check_template(template, {"prompt", "explanation"}, required={"prompt"})
         if parse_retries < 0:
             raise ValueError(f"parse_retries: must be >= 0, got {parse_retries}")
         self.judge = judge
