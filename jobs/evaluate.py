@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--color-classifier", help="geneval: local Hugging Face CLIP folder")
     score.add_argument("--vqa-model", help="genai_bench: local Hugging Face image-text-to-text folder for VQAScore "
                        "(without it, a judge that returns log-probabilities stands in, labelled not comparable)")
+    score.add_argument("--style-model", help="oneig: folder with CSD, OneIG-StyleEncoder and their reference "
+                       "embeddings for the style score (layout: irg/eval/oneig_style.py)")
     score.add_argument("--judge-url", help="wise, tiif, oneig (genai_bench without --vqa-model): OpenAI-compatible "
                        "endpoint, e.g. http://vllm:8000/v1")
     score.add_argument("--judge-model", help="the judge's model name on that endpoint")
@@ -68,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """The evaluation the arguments describe (ValueError for settings that cannot work)."""
     scorer = None
-    if args.scorer or args.detector or args.judge_url or args.vqa_model:
+    if args.scorer or args.detector or args.judge_url or args.vqa_model or args.style_model:
         kind = args.scorer or DEFAULT_SCORER.get(args.benchmark, "geneval")
         scorer = ScorerSettings(
             kind=kind, detector=args.detector, color_classifier=args.color_classifier, vqa_model=args.vqa_model,
-            judge_url=args.judge_url,
+            style_model=args.style_model, judge_url=args.judge_url,
             judge_model=args.judge_model, judge_api_key_env=args.judge_api_key_env,
             judge_requests_per_minute=args.judge_rpm, judge_concurrency=args.judge_concurrency,
             judge_cache=args.judge_cache, judge_template=args.judge_template, device=args.device)

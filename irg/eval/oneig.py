@@ -7,10 +7,11 @@
 - Text (Text_Rendering): the judge reads the image's text (OCR); OCR and ground truth keep letters,
   digits and spaces; ED is the character edit distance, CR whether it is 0, WAC the share of ground-truth
   words found (as multisets, pooled over images); text = 1 - min(100, mean ED)(1 - mean CR)(1 - WAC)/100.
-- Reasoning (Knowledge_Reasoning) and style (the 114 stylised anime prompts) need their own embedding
-  models (LLM2CLIP; CSD and OneIG-StyleEncoder with reference embeddings), and diversity (every
-  category: mean pairwise DreamSim distance between one prompt's images) needs DreamSim. Where those
-  are not given the dimension is reported as absent (None), never as zero.
+- Style (the 114 stylised anime prompts): CSD and OneIG-StyleEncoder against OneIG's reference
+  embeddings (:mod:`irg.eval.oneig_style`), where their folder is given.
+- Reasoning (Knowledge_Reasoning: LLM2CLIP similarity to a reference answer) and diversity (every
+  category: mean pairwise DreamSim distance between one prompt's images) are not scored here.
+A dimension not scored is reported as absent (None), never as zero.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ MAX_ED = 100  # the English text score's cap on the mean edit distance
 QUESTION_SUFFIX = " Please answer 'Yes' or 'No' only."
 OCR_PROMPT = ("Recognize the text in the image, only reply with the text content, but avoid repeating previously "
               "mentioned content. If no text is recognized, please reply with 'No text recognized'.")
-ABSENT = ("OneIG-EN reasoning, style and diversity are absent (not zero): they need LLM2CLIP, CSD with "
-          "OneIG-StyleEncoder, and DreamSim, which this scorer does not run; so is the overall, their mean with "
-          "alignment and text")
+# What each dimension this scorer may leave out needs.
+NEEDS = {"reasoning": "LLM2CLIP", "style": "CSD and OneIG-StyleEncoder (--style-model)", "diversity": "DreamSim"}
 # What the official script strips from the OCR reply before comparing.
 OCR_NOISE = ("addCriterion", "No text recognized.")
 
@@ -131,14 +131,22 @@ def text_score(metrics: Sequence[dict[str, int]]) -> dict[str, float]:
             "text/wac": wac}
 
 
+def absent_note(absent: Sequence[str]) -> str:
+    """The report's note on the dimensions it lacks, and so its overall."""
+    needs = "; ".join(f"{d} needs {NEEDS[d]}" for d in absent)
+    return (f"OneIG-EN {', '.join(absent)} not scored here, reported absent (not zero): {needs}; so is the "
+            "overall, the mean of all five dimensions")
+
+
 class OneIGScorer:
-    """Scores alignment and text through ``judge``; an image of a category whose dimension needs a model
-    that was not given (reasoning, style) gets no score for it (None), never zero."""
+    """Scores alignment and text through ``judge``, and style with ``style`` where given; an image whose
+    dimension is not scored (reasoning; style without its models) gets None for it, never zero."""
 
     name = "oneig"
 
-    def __init__(self, judge: JudgeClient):
+    def __init__(self, judge: JudgeClient, style=None):
         self.judge = judge
+        self.style = style  # an irg.eval.oneig_style.StyleScorer, or None
 
     def score(self, items: Sequence[tuple[EvalPrompt, Image.Image]]) -> list[Verdict]:
         return judge_all(self.judge, self._score_one, items)
@@ -149,7 +157,10 @@ class OneIGScorer:
             replies = {q: self._ask(f"{text}.{QUESTION_SUFFIX}", image) for q, text in meta["questions"].items()}
             yes = {q: is_yes(reply) for q, reply in replies.items()}
             score = alignment_score(yes, meta["dependency"])
-            return Verdict(score, {"alignment": score, "yes": yes})
+            details = {"alignment": score, "yes": yes}
+            if self.style is not None and "style" in meta:
+                details["style"] = self.style.score(image, meta["style"])
+            return Verdict(score, details)
         if "text" in meta:
             reply = self._ask(OCR_PROMPT, image)
             metrics = text_metrics(reply, meta["text"])
@@ -166,12 +177,14 @@ def summarize_oneig(rows: Sequence[tuple[EvalPrompt, Verdict]]) -> dict[str, flo
     ``reasoning``, ``style`` and ``diversity``; ``overall``, the mean of the five (the paper's OneIG-EN
     figure), only when all five are there."""
     aligned: dict[str, list[float]] = {}
-    texts = []
+    texts, styles = [], []
     for prompt, verdict in rows:
         if "alignment" in verdict.details:
             aligned.setdefault(prompt.category, []).append(verdict.details["alignment"])
         elif "ed" in verdict.details:
             texts.append(verdict.details)
+        if "style" in verdict.details:
+            styles.append(verdict.details["style"])
     scores: dict[str, float | None] = dict.fromkeys(DIMENSIONS)
     pooled = [s for values in aligned.values() for s in values]
     if pooled:
@@ -181,6 +194,8 @@ def summarize_oneig(rows: Sequence[tuple[EvalPrompt, Verdict]]) -> dict[str, flo
                 scores[f"alignment/{category}"] = sum(aligned[category]) / len(aligned[category])
     if texts:
         scores.update(text_score(texts))
+    if styles:
+        scores["style"] = sum(styles) / len(styles)
     dimensions = [scores[d] for d in DIMENSIONS]
     scores["overall"] = None if None in dimensions else sum(dimensions) / len(dimensions)
     return scores

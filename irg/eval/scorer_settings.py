@@ -28,6 +28,8 @@ class ScorerSettings:
     color_classifier: str | None = None  # CLIP
     # genai_bench: a local Hugging Face image-text-to-text model for VQAScore
     vqa_model: str | None = None
+    # oneig: a folder with CSD, OneIG-StyleEncoder and their reference embeddings (irg.eval.oneig_style)
+    style_model: str | None = None
     # wise, tiif, oneig (and genai_bench without vqa_model): an OpenAI-compatible chat endpoint with images
     judge_url: str | None = None  # e.g. http://vllm:8000/v1
     judge_model: str | None = None
@@ -46,6 +48,7 @@ class ScorerSettings:
             ("--detector", self.detector, self.kind == "geneval"),
             ("--color-classifier", self.color_classifier, self.kind == "geneval"),
             ("--vqa-model", self.vqa_model, self.kind == "genai_bench"),
+            ("--style-model", self.style_model, self.kind == "oneig"),
             ("--judge-url", self.judge_url, self.uses_judge),
             ("--judge-template", self.judge_template, self.kind in ("wise", "tiif"))) if value and not used]
         if unused:
@@ -67,7 +70,7 @@ class ScorerSettings:
             if self.judge_template and not os.path.isfile(self.judge_template):
                 raise FileNotFoundError(f"--judge-template {self.judge_template} does not exist")
             try:  # offline, as each scoring actor will: the judge's URL, rate and concurrency, the template's fields
-                scorer = self.build()
+                scorer = self._judged(None, load_models=False)
             except ValueError as e:
                 raise ValueError(f"scorer {self.kind}: {e}") from None
             if self.kind == "genai_bench":
@@ -82,6 +85,10 @@ class ScorerSettings:
             from irg.eval.genai_bench import HFVQAScore
 
             HFVQAScore.load_processor(self.vqa_model)
+        if self.kind == "oneig" and self.style_model:
+            from irg.eval.oneig_style import check_style_folder
+
+            check_style_folder(self.style_model)
         for prompt in prompts:
             self._check_prompt(prompt)
 
@@ -134,9 +141,10 @@ class ScorerSettings:
                       else f"the judge's log-probabilities ({self.judge_model})")
             return [NOT_COMPARABLE.format(source=source)]
         if self.kind == "oneig":
-            from irg.eval.oneig import ABSENT
+            from irg.eval.oneig import absent_note
 
-            return [ABSENT]
+            return [absent_note(["reasoning", "diversity"] if self.style_model else ["reasoning", "style",
+                                                                                     "diversity"])]
         return []
 
     @property
@@ -148,7 +156,8 @@ class ScorerSettings:
     @property
     def gpus(self) -> int:
         """GPUs a scoring actor asks for where there are GPUs (the judge runs elsewhere)."""
-        local_model = self.kind == "geneval" or (self.kind == "genai_bench" and self.vqa_model)
+        local_model = (self.kind == "geneval" or (self.kind == "genai_bench" and self.vqa_model)
+                       or (self.kind == "oneig" and self.style_model))
         return 1 if local_model and self.device != "cpu" else 0
 
     def build(self, cache: str | None = None) -> Scorer:
@@ -173,7 +182,8 @@ class ScorerSettings:
             return self._judged(cache)
         raise ValueError(f"scorer: unknown {self.kind!r}, expected one of {SCORERS}")
 
-    def _judged(self, cache: str | None) -> Scorer:
+    def _judged(self, cache: str | None, load_models: bool = True) -> Scorer:
+        """The judge-based scorer; without ``load_models``, without its local models (the driver's check)."""
         from irg.eval.judge import JudgeClient
 
         judge = JudgeClient(self.judge_url, self.judge_model, os.environ.get(self.judge_api_key_env) or None,
@@ -184,9 +194,13 @@ class ScorerSettings:
 
             return JudgeVQAScore(judge)
         if self.kind == "oneig":
+            from irg.device import resolve_device
             from irg.eval.oneig import OneIGScorer
+            from irg.eval.oneig_style import StyleScorer
 
-            return OneIGScorer(judge)
+            load = self.style_model and load_models
+            style = StyleScorer(self.style_model, resolve_device(self.device)) if load else None
+            return OneIGScorer(judge, style)
         from irg.eval.tiif import TiifScorer
         from irg.eval.wise import WiseScorer
 
