@@ -3,8 +3,10 @@
 Two style encoders embed the image: CSD (Somepalli et al., 2024; a CLIP ViT-L/14 fine-tuned for style,
 whose style head projects the backbone's pooled feature) and OneIG-StyleEncoder (a CLIP vision model
 with projection). Each gives the image's largest dot product with its reference embeddings of the
-style, floored at 0; the score is the mean of the two (OneIG's ``style_score.py``). Everything comes
-from one local folder, nothing is downloaded::
+style, floored at 0; the score is the mean of the two (OneIG's ``style_score.py``, whose steps are
+kept where they change the number: the image is scored as the JPEG the official script saves of it,
+the style encoder runs in bf16 with CLIP's default preprocessing). Everything comes from one local
+folder, nothing is downloaded::
 
     <folder>/csd/checkpoint.pth   CSD's checkpoint (a "model_state_dict" of backbone.* and last_layer_style)
     <folder>/style_encoder/       xingpng/OneIG-StyleEncoder, a Hugging Face folder
@@ -14,6 +16,7 @@ from one local folder, nothing is downloaded::
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -72,11 +75,20 @@ def clip_vision_from_openai(state: dict[str, torch.Tensor]):
     return model
 
 
+def as_saved_jpeg(image: Image.Image) -> Image.Image:
+    """``image`` after a round trip through JPEG at PIL's default quality: the official script scores the
+    tiles it saves as ``.jpg``, and the compression moves the score of flat styles (pixel art, line art)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG")
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
 class StyleScorer:
     """OneIG's style score of an image for a style name (lower case, ``_`` for spaces: ``pixel_art``)."""
 
     def __init__(self, folder: str, device: str = "cpu"):
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
         check_style_folder(folder)
         root = Path(folder)
@@ -89,13 +101,10 @@ class StyleScorer:
         self.csd = clip_vision_from_openai(backbone).to(self.device).eval()
         self.csd_head = state["last_layer_style"].float().to(self.device)
         self.csd_size = self.csd.config.image_size
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.encoder = CLIPVisionModelWithProjection.from_pretrained(
-            root / "style_encoder", local_files_only=True, dtype=dtype).to(self.device).eval()
-        processor_file = root / "style_encoder" / "preprocessor_config.json"
-        # The official script uses CLIPImageProcessor's defaults, whatever the encoder's folder holds.
-        self.processor = (CLIPImageProcessor.from_pretrained(root / "style_encoder") if processor_file.is_file()
-                          else CLIPImageProcessor())
+            root / "style_encoder", local_files_only=True, dtype=torch.bfloat16).to(self.device).eval()
+        # The official script's processor: CLIP's defaults (224, bicubic), PIL-based as in its transformers.
+        self.processor = CLIPImageProcessorPil()
         self.references = {name: torch.load(root / name, map_location="cpu", weights_only=True)
                            for name in ("CSD_embed.pt", "SE_embed.pt")}
 
@@ -104,18 +113,20 @@ class StyleScorer:
 
     @torch.inference_mode()
     def embeddings(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image's unit-length CSD style embedding and style-encoder embedding."""
+        """The image's unit-length CSD style embedding (fp32) and style-encoder embedding (bf16)."""
+        image = as_saved_jpeg(image)
         pixels = self._csd_pixels(image).to(self.device)
         csd = torch.nn.functional.normalize(self.csd(pixel_values=pixels).pooler_output @ self.csd_head, dim=-1)
-        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt").pixel_values
+        inputs = self.processor(images=image, return_tensors="pt").pixel_values
         encoded = self.encoder(pixel_values=inputs.to(self.device, self.encoder.dtype)).image_embeds
-        return csd[0].float().cpu(), torch.nn.functional.normalize(encoded, dim=-1)[0].float().cpu()
+        return csd[0].cpu(), torch.nn.functional.normalize(encoded, dim=-1)[0].cpu()
 
     def score(self, image: Image.Image, style: str) -> float:
         if style not in self.styles():
             raise ValueError(f"style {style!r}: no reference embeddings for it (they have {sorted(self.styles())})")
         csd, encoded = self.embeddings(image)
-        closest = [max(float((embedding @ refs.float().T).max()), 0.0) for embedding, refs in (
+        # In the references' precision (the style encoder's are bf16), as the official product is taken.
+        closest = [max(float((embedding.to(refs.dtype) @ refs.T).max()), 0.0) for embedding, refs in (
             (csd, self.references["CSD_embed.pt"][style]), (encoded, self.references["SE_embed.pt"][style]))]
         return sum(closest) / 2
 
