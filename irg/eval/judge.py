@@ -68,6 +68,22 @@ def judge_all(judge: JudgeClient, score_one: Callable, items: Sequence[tuple]) -
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def complete_readable(judge: JudgeClient, messages: list[dict], read: Callable, unreadable: type[Exception],
+                      reminder: str, retries: int, max_tokens: int | None = None) -> tuple[object, str, str | None]:
+    """``(read(reply), reply, None)`` for the judge's reply to ``messages``; a reply ``read`` rejects with
+    ``unreadable`` is asked again ``retries`` times, continuing the conversation with ``reminder`` (which
+    also gives each retry a cache key of its own), then ``(None, last reply, the error)``."""
+    reply = judge.complete(messages, max_tokens)
+    for retry in range(retries + 1):
+        try:
+            return read(reply), reply, None
+        except unreadable as e:
+            if retry == retries:
+                return None, reply, str(e)
+            messages = [*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": reminder}]
+            reply = judge.complete(messages, max_tokens)
+
+
 def retry_delay(attempt: int, retry_after: str | None, backoff_s: float) -> float:
     """Seconds to wait before retry ``attempt + 1``: the server's numeric Retry-After if it sent one,
     else ``backoff_s * 2**attempt``, capped."""

@@ -107,9 +107,7 @@ class StyleScorer:
         self.processor = CLIPImageProcessorPil()
         self.references = {name: torch.load(root / name, map_location="cpu", weights_only=True)
                            for name in ("CSD_embed.pt", "SE_embed.pt")}
-
-    def styles(self) -> set[str]:
-        return set(self.references["CSD_embed.pt"]) & set(self.references["SE_embed.pt"])
+        self.styles = set(self.references["CSD_embed.pt"]) & set(self.references["SE_embed.pt"])
 
     @torch.inference_mode()
     def embeddings(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +120,8 @@ class StyleScorer:
         return csd[0].cpu(), torch.nn.functional.normalize(encoded, dim=-1)[0].cpu()
 
     def score(self, image: Image.Image, style: str) -> float:
-        if style not in self.styles():
-            raise ValueError(f"style {style!r}: no reference embeddings for it (they have {sorted(self.styles())})")
+        if style not in self.styles:
+            raise ValueError(f"style {style!r}: no reference embeddings for it (they have {sorted(self.styles)})")
         csd, encoded = self.embeddings(image)
         # In the references' precision (the style encoder's are bf16), as the official product is taken.
         closest = [max(float((embedding.to(refs.dtype) @ refs.T).max()), 0.0) for embedding, refs in (

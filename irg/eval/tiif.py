@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from irg.eval.benchmarks import EvalPrompt, packaged
-from irg.eval.judge import JudgeClient, check_template, image_part, judge_all
+from irg.eval.judge import JudgeClient, check_template, complete_readable, image_part, judge_all
 from irg.eval.scoring import Verdict
 
 SPLITS = {"testmini": "testmini", "full": "test"}  # our name (benchmarks.SPLITS) -> the official files' prefix
@@ -135,20 +135,12 @@ class TiifScorer:
 
     def _score_one(self, prompt: EvalPrompt, image: Image.Image) -> Verdict:
         expected = prompt.metadata["answers"]
-        room = max(self.judge.max_tokens, TOKENS_PER_QUESTION * len(expected))
-        messages = tiif_messages(prompt, image, self.template)
-        reply = self.judge.complete(messages, room)
-        for retry in range(self.parse_retries + 1):
-            try:
-                answers = parse_answers(reply, len(expected))
-                break
-            except TiifParseError as e:
-                if retry == self.parse_retries:
-                    return Verdict(0.0, {"correct": 0, "questions": len(expected), "parse_error": str(e),
-                                         "judge": reply})
-                messages = [*messages, {"role": "assistant", "content": reply},
-                            {"role": "user", "content": FORMAT_REMINDER.format(count=len(expected))}]
-                reply = self.judge.complete(messages, room)
+        answers, reply, error = complete_readable(
+            self.judge, tiif_messages(prompt, image, self.template), lambda text: parse_answers(text, len(expected)),
+            TiifParseError, FORMAT_REMINDER.format(count=len(expected)), self.parse_retries,
+            max_tokens=max(self.judge.max_tokens, TOKENS_PER_QUESTION * len(expected)))
+        if error is not None:
+            return Verdict(0.0, {"correct": 0, "questions": len(expected), "parse_error": error, "judge": reply})
         correct = sum(a == e for a, e in zip(answers, expected))
         return Verdict(correct / len(expected), {"correct": correct, "questions": len(expected), "answers": answers,
                                                  "judge": reply})

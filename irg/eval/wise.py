@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from irg.eval.benchmarks import EvalPrompt
-from irg.eval.judge import JudgeClient, check_template, image_part, judge_all
+from irg.eval.judge import JudgeClient, check_template, complete_readable, image_part, judge_all
 from irg.eval.scoring import Verdict
 
 WISE_SYSTEM = ("You are a strict, meticulous auditor of generated images. You judge each image only by what "
@@ -131,19 +131,9 @@ class WiseScorer:
         return judge_all(self.judge, self._score_one, items)
 
     def _score_one(self, prompt: EvalPrompt, image: Image.Image) -> Verdict:
-        messages = wise_messages(prompt, image, self.template)
-        reply = self.judge.complete(messages)
-        retries_left = self.parse_retries
-        while True:
-            try:
-                marks = parse_wise_scores(reply)
-            except WiseParseError as e:
-                if retries_left == 0:
-                    return Verdict(0.0, {"parse_error": str(e), "judge": reply})
-                retries_left -= 1
-                # Continue the conversation, which also gives the retry a cache key of its own.
-                messages = [*messages, {"role": "assistant", "content": reply},
-                            {"role": "user", "content": FORMAT_REMINDER}]
-                reply = self.judge.complete(messages)
-            else:
-                return Verdict(wiscore(**marks), {**marks, "judge": reply})
+        marks, reply, error = complete_readable(self.judge, wise_messages(prompt, image, self.template),
+                                                parse_wise_scores, WiseParseError, FORMAT_REMINDER,
+                                                self.parse_retries)
+        if error is not None:
+            return Verdict(0.0, {"parse_error": error, "judge": reply})
+        return Verdict(wiscore(**marks), {**marks, "judge": reply})
