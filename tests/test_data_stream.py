@@ -12,7 +12,7 @@ from conftest import FIXTURE_DIR
 
 from irg import storage
 from irg.data.batching import DataStats, PackedBatches
-from irg.data.format import FULL_MODES, MODES
+from irg.data.format import FULL_MODES, IRGL_MODES, MODES
 from irg.data.plan import DataPlanError, DataPosition
 from irg.data.prepare import BadRowError
 from irg.data.sequence import PreprocessConfig, SpecialTokens
@@ -77,7 +77,7 @@ def test_six_modes_stream_to_two_consumers_with_the_stage_weights(ray_cluster, s
     data = IRGLData(stream_config(root), store)
     # Stage 1: full modes weight 1.0, thinking modes 0.5 -> each epoch reads every full-mode row and
     # half of each thinking mode's rows.
-    expected = {m: ROWS_PER_MODE if m in FULL_MODES else ROWS_PER_MODE // 2 for m in MODES}
+    expected = {m: ROWS_PER_MODE if m in FULL_MODES else ROWS_PER_MODE // 2 for m in IRGL_MODES}
     assert data.quota == expected
     results = consume_in_parallel(data.dataset(epoch=0), 2, expected_tokens=1500, max_tokens=2000)
 

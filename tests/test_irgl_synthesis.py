@@ -20,7 +20,7 @@ from conftest import FIXTURE_DIR, REPO
 from PIL import Image, ImageFilter
 from test_judge import FakeJudge, ok
 
-from irg.data.format import MODES, ImagePart, TextPart, parse_conversation
+from irg.data.format import EDITING_MODE, MODES, ImagePart, TextPart, parse_conversation
 from irg.data.irgl_synthesis import (
     RoundOneDrawer,
     clearly_related,
@@ -314,6 +314,9 @@ def test_rows_parse_with_the_models_image_as_the_flawed_one(tmp_path):
             if mode.startswith("improving"):
                 assert texts[0] == "<think> my own plan </think>" and texts[-1] == ex.example.reflection
                 assert images[0] == image.tobytes()  # the model's round-1 image is the flawed one
+            elif mode == EDITING_MODE:  # the model's image is the source, the reflection the instruction
+                assert texts == [ex.example.reflection]
+                assert images == [image.tobytes(), ex.example.correct.tobytes()]
             else:
                 assert texts == [ex.example.think] and "my own plan" not in ex.example.think
             if mode.endswith("full_learning"):

@@ -9,19 +9,25 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from irg.data.format import MODES, ImagePart, TextPart, parse_conversation
 from irg.data.synth import (
     CATEGORIES,
+    EDIT_KINDS,
     NUMBERS,
     RELATIONS,
     ObjectSpec,
     Scene,
+    draw,
+    edit_kinds,
+    edit_source,
     flaw,
     geneval_metadata,
     layout,
+    make_edit_example,
     make_example,
     measure,
     reflection_text,
@@ -46,6 +52,7 @@ STRUCTURE = {
     "improving_thinking_generation_learning": [("think", False), ("image", False, True, True), ("reflect", True)],
     "improving_full_learning": [("think", False), ("image", False, True, True), ("reflect", True),
                                 ("image", True, False, False)],
+    "image_editing_learning": [("image", False, True, True), ("reflect", False), ("image", True, False, False)],
 }
 
 
@@ -233,3 +240,51 @@ def test_bad_scenes_are_named():
         Scene("position", (ObjectSpec("circle", "red"),), "left of")
     with pytest.raises(ValueError, match="^objects"):
         Scene("colors", (ObjectSpec("hexagon", "red"),))
+
+
+HAND_MADE = [Scene("two_object", (ObjectSpec("circle", "red"), ObjectSpec("square", "blue"))),
+             Scene("counting", (ObjectSpec("triangle", "green", 3),)),
+             Scene("position", (ObjectSpec("circle", "yellow"), ObjectSpec("triangle", "purple")), "left of"),
+             Scene("colors", (ObjectSpec("square", "orange"),))]
+
+
+def _box_mask(shapes, size: int) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    for p in shapes:
+        (cx, cy), half = p.center, p.size / 2 + 1
+        mask[max(0, round(cy - half)):round(cy + half) + 1, max(0, round(cx - half)):round(cx + half) + 1] = True
+    return mask
+
+
+def test_an_edit_changes_the_target_exactly_where_its_instruction_says():
+    covered = set()
+    for scene in HAND_MADE:
+        for kind in edit_kinds(scene):
+            rng = random.Random(f"{scene}:{kind}")
+            placed = layout(scene, 64, rng)
+            source, flaws = edit_source(scene, placed, kind, 64, rng)
+            changed = [p for p in source if p not in placed] + [p for p in placed if p not in source]
+            diff = np.any(np.asarray(draw(source, 64)) != np.asarray(draw(placed, 64)), axis=-1)
+            assert (kind == "keep") == (not flaws) == (not changed) == (not diff.any()), kind
+            assert not (diff & ~_box_mask(changed, 64)).any(), f"{kind}: pixels outside the edited shapes changed"
+            assert all(diff[_box_mask([p], 64)].any() for p in changed)
+            assert {f.kind for f in flaws} <= {kind}
+            named = " ".join(f"{f.description} {f.fix}" for f in flaws)
+            assert all(p.color in named and p.shape in named for p in changed), (kind, named)
+            assert shown(measure(draw(placed, 64))) == wanted(scene)  # the target is the prompt's scene
+            covered.add(kind)
+    assert covered == set(EDIT_KINDS)
+
+
+def test_edit_examples_cover_every_flaw_kind_and_keep_with_reflections_that_name_them():
+    kinds = Counter()
+    for i in range(300):
+        ex = make_edit_example(random.Random(i), 64)
+        kept = "already matches" in ex.reflection
+        kinds["keep" if kept else "edit"] += 1
+        assert kept == (ex.flawed.tobytes() == ex.correct.tobytes())
+        assert ex.reflection.startswith("<think> ") and all(h in ex.reflection for h in HEADERS)
+    assert 0.05 < kinds["keep"] / 300 < 0.3
+    unrelated = next(i for i in range(100) if sample_scene(random.Random(i)).relation is None)
+    with pytest.raises(ValueError, match="cannot have a 'relation' flaw"):
+        make_edit_example(random.Random(unrelated), 64, "relation")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-MODES = (
+IRGL_MODES = (
     "initial_thinking_understanding_learning",
     "initial_thinking_generation_learning",
     "initial_full_learning",
@@ -26,12 +26,19 @@ MODES = (
     "improving_thinking_generation_learning",
     "improving_full_learning",
 )
+"""The paper's six learning modes."""
+EDITING_MODE = "image_editing_learning"
+"""Pretraining's editing task (BAGEL's interleaved data): a source image (clean VAE then ViT tokens) and an
+instruction in, the edited image out. IRG's round 2 is an edit of round 1, so a base model that can edit
+gives the IRGL round-2 rows an ability to fine-tune rather than one to learn from nothing."""
+MODES = (*IRGL_MODES, EDITING_MODE)
 FULL_MODES = ("initial_full_learning", "improving_full_learning")
 STAGE_WEIGHTS = {
-    1: {mode: (1.0 if mode in FULL_MODES else 0.5) for mode in MODES},
+    1: {mode: (1.0 if mode in FULL_MODES else 0.5) for mode in IRGL_MODES},
     2: {mode: 1.0 for mode in FULL_MODES},
 }
-"""IRGL stage 1 trains all six modes (full modes at weight 1.0, thinking modes 0.5); stage 2 only the full modes."""
+"""IRGL stage 1 trains all six modes (full modes at weight 1.0, thinking modes 0.5); stage 2 only the full modes.
+Editing is not an IRGL mode: a configuration gives it a weight where it wants it (the shapes recipe does)."""
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 """The only formats a row's image is opened as: Pillow knows dozens more, some of them handed to outside

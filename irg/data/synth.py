@@ -21,7 +21,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from tqdm import tqdm
 
-from irg.data.format import MODES, ImagePart, Part, TextPart, conversation_json
+from irg.data.format import EDITING_MODE, MODES, ImagePart, Part, TextPart, conversation_json
 from irg.pipeline.prompts import SYSTEM_PROMPT
 from irg.storage import join, open_file
 
@@ -432,14 +432,14 @@ _FLAW_MAKERS = {"missing": _missing, "relation": _swapped_relation, "count": _wr
 
 
 def think_text(scene: Scene, placed: list[Placed]) -> str:
-    """Think 1: plan the objects, colours, counts and placement of the correct image."""
+    """Think 1: plan the objects, colours, counts and placement of the correct image. Only what the image
+    depends on: every token of boilerplate is a token not spent on images (the style is always the world's)."""
     text = (f"<think> The prompt asks for {scene_prompt(scene).removeprefix('a photo of ')}. "
             f"I will draw {placement_text(placed)}.")
     if scene.relation:
         a, b = scene.objects
         text += f" That way {a.name} is clearly {RELATION_PROSE[scene.relation]} {b.name}."
-    return text + (f" Every shape is flat and solid with crisp edges on a {BACKGROUND_NAME}, with clear space "
-                   "around it, so each one is easy to see, count and tell apart. </think>")
+    return text + " </think>"
 
 
 def placement_text(placed: list[Placed]) -> str:
@@ -458,23 +458,22 @@ def _and_join(items: list[str]) -> str:
 
 
 def reflection_text(scene: Scene, placed: list[Placed], flaws: list[Flaw]) -> str:
-    """Think 2 in the four-part structure the IRG system prompt asks for. The previous image's style is
-    praised and kept unless a "style" flaw says it is not clean."""
-    clean = all(f.kind != "style" for f in flaws)
+    """Think 2 in the four-part structure the IRG system prompt asks for: what is wrong, why, the edits
+    (each flaw's fix, then keep the rest) and the improved image's full description (``placed``)."""
     problems = "; ".join(f.description for f in flaws)
-    steps = [*([f"Keep the {BACKGROUND_NAME} and the flat, crisp style of the previous image."] * clean),
-             *(f.fix[0].upper() + f.fix[1:] + "." for f in flaws),
-             "Check that no shapes touch or overlap and that every shape is a single solid colour."]
-    return _four_parts(f"The previous image does not yet match the prompt \"{scene_prompt(scene)}\": {problems}."
-                       + " The background, the flat colours and the crisp edges are fine and should be kept." * clean,
+    steps = [*(f.fix[0].upper() + f.fix[1:] + "." for f in flaws), KEEP_THE_REST]
+    return _four_parts(f"The previous image does not yet match the prompt \"{scene_prompt(scene)}\": {problems}.",
                        [f"{FLAW_TITLES[f.kind]}: the prompt requires {f.requirement}, but {f.description}."
                         for f in flaws], steps, placed)
 
 
+KEEP_THE_REST = "Keep everything else as it is."
+
+
 def kept_reflection_text(scene: Scene, placed: list[Placed]) -> str:
     """Think 2 for a previous image that already matches its prompt (``placed``: what it shows): keep it."""
-    return _four_parts(f"The previous image already matches the prompt \"{scene_prompt(scene)}\": it shows "
-                       f"{placement_text(placed)}. It should be kept as it is.",
+    return _four_parts(f"The previous image already matches the prompt \"{scene_prompt(scene)}\". "
+                       "It should be kept as it is.",
                        ["None needed: every object, count, colour and position the prompt asks for is right."],
                        ["Keep the previous image as it is: the same shapes, colours, sizes and places."], placed)
 
@@ -486,8 +485,7 @@ def _four_parts(analysis: str, improvements: list[str], steps: list[str], placed
             "### Step-by-Step Modification Guidance:\n"
             + "".join(f"{i}. {s}\n" for i, s in enumerate(steps, start=1)) + "\n"
             "### Final Comprehensive Prompt for the Improved Image:\n"
-            f"On a {BACKGROUND_NAME}: {placement_text(placed)}. "
-            "Flat solid colours, crisp edges, clearly separated shapes. </think>")
+            f"{placement_text(placed)[0].upper()}{placement_text(placed)[1:]} on a {BACKGROUND_NAME}. </think>")
 
 
 @dataclass(frozen=True)
@@ -509,6 +507,104 @@ def make_example(rng: random.Random, image_size: int) -> Example:
                    render(flawed_scene, image_size, random.Random(layout_seed)), reflection_text(scene, placed, flaws))
 
 
+EDIT_KINDS = ("color", "shape", "missing", "count", "relation", "extra", "keep")
+KEEP_SHARE = 0.15  # of editing examples whose source already matches: the edit is "keep it as it is"
+
+
+def make_edit_example(rng: random.Random, image_size: int, kind: str | None = None) -> Example:
+    """An editing example: a source image with one kind of flaw the judge can name (``kind``, default
+    random among those the scene can have; "keep": none), the reflection that names it and the target.
+    Edits are made on the drawn shapes, so the target differs from the source exactly where the
+    instruction says and every other pixel is the same."""
+    scene = sample_scene(rng)
+    placed = layout(scene, image_size, rng)
+    kinds = edit_kinds(scene)
+    if kind is None:
+        kind = "keep" if rng.random() < KEEP_SHARE else rng.choice([k for k in kinds if k != "keep"])
+    elif kind not in kinds:
+        raise ValueError(f"kind: a {scene.category} scene cannot have a {kind!r} flaw (it can have {kinds})")
+    source, flaws = edit_source(scene, placed, kind, image_size, rng)
+    reflection = reflection_text(scene, placed, flaws) if flaws else kept_reflection_text(scene, placed)
+    return Example(scene_prompt(scene), think_text(scene, placed), draw(placed, image_size),
+                   draw(source, image_size), reflection)
+
+
+def edit_kinds(scene: Scene) -> tuple[str, ...]:
+    """The flaws a source of ``scene`` can be given: a missing object needs a second one to keep, a relation
+    two related objects, a wrong count an unrelated scene, and an extra object a free cell."""
+    allowed = {"color", "shape", "extra", "keep"}
+    if len(scene.objects) == 2:
+        allowed.add("missing")
+    allowed.add("relation" if scene.relation else "count")
+    return tuple(k for k in EDIT_KINDS if k in allowed)
+
+
+def edit_source(scene: Scene, placed: list[Placed], kind: str, size: int,
+                rng: random.Random) -> tuple[list[Placed], list[Flaw]]:
+    """The source's shapes for a ``kind`` edit of the target ``placed`` (laid out from ``scene``), and its flaws."""
+    groups = [g for g, obj in enumerate(scene.objects) for _ in range(obj.count)]  # placed[i] is of groups[i]
+    g = rng.randrange(len(scene.objects))
+    mine = [i for i, k in enumerate(groups) if k == g]
+    if kind == "keep":
+        return list(placed), []
+    if kind == "color":
+        objs = scene.objects
+        if len(objs) == 2:  # the binding error: the two colours swapped
+            swapped = {objs[0].color: objs[1].color, objs[1].color: objs[0].color}
+            return [replace(p, color=swapped[p.color]) for p in placed], [color_flaw(objs[0], objs[1].color),
+                                                                           color_flaw(objs[1], objs[0].color)]
+        wrong = rng.choice([c for c in sorted(PALETTE) if c != objs[0].color])
+        n = rng.randint(1, objs[0].count)
+        recoloured = set(rng.sample(mine, n))
+        return ([replace(p, color=wrong) if i in recoloured else p for i, p in enumerate(placed)],
+                [color_flaw(objs[0], wrong, n)])
+    if kind == "shape":
+        wanted = scene.objects[g]
+        drawn = replace(wanted, shape=rng.choice([s for s in SHAPES if s not in {o.shape for o in scene.objects}]))
+        return ([replace(p, shape=drawn.shape) if i in mine else p for i, p in enumerate(placed)],
+                [shape_flaw(scene, wanted, drawn)])
+    if kind == "missing":
+        return [p for i, p in enumerate(placed) if i not in mine], [missing_flaw(scene, g)]
+    if kind == "relation":
+        a, b = placed
+        return ([replace(a, center=b.center, region=b.region), replace(b, center=a.center, region=a.region)],
+                [relation_flaw(scene, RELATIONS[scene.relation])])
+    free = free_cells(placed, size)
+    if kind == "count":
+        c = scene.objects[g]
+        n = rng.choice([k for k in range(1, min(MAX_COUNT + 1, c.count + len(free)) + 1) if k != c.count])
+        if n < c.count:
+            kept = set(rng.sample(mine, n))
+            return [p for i, p in enumerate(placed) if i not in mine or i in kept], [count_flaw(c, n)]
+        added = [placed_in_cell(c.shape, c.color, cell, size, rng) for cell in rng.sample(free, n - c.count)]
+        return [*placed, *added], [count_flaw(c, n)]
+    if kind == "extra":
+        used = {(o.shape, o.color) for o in scene.objects}
+        shape, color = rng.choice([(s, c) for s in SHAPES for c in sorted(PALETTE) if (s, c) not in used])
+        extra = placed_in_cell(shape, color, rng.choice(free), size, rng)
+        return [*placed, extra], [extra_flaw(scene, ObjectSpec(shape, color))]
+    raise ValueError(f"kind: unknown {kind!r}, expected one of {EDIT_KINDS}")
+
+
+def free_cells(placed: list[Placed], size: int) -> list[int]:
+    """Grid cells no shape of ``placed`` stands in (by its centre)."""
+    cell = (1 - 2 * MARGIN) * size / GRID
+    taken = {min(int((p.center[1] - MARGIN * size) // cell), GRID - 1) * GRID
+             + min(int((p.center[0] - MARGIN * size) // cell), GRID - 1) for p in placed}
+    return [k for k in range(GRID * GRID) if k not in taken]
+
+
+def placed_in_cell(shape: str, color: str, index: int, size: int, rng: random.Random) -> Placed:
+    """A shape in grid cell ``index``, sized and jittered as :func:`layout` draws them."""
+    margin = MARGIN * size
+    cell = (size - 2 * margin) / GRID
+    frac, jx, jy = rng.uniform(0.5, 0.7), rng.uniform(-1, 1), rng.uniform(-1, 1)
+    slack = (1 - frac) * cell / 4
+    row, col = divmod(index, GRID)
+    center = (margin + (col + 0.5) * cell + jx * slack, margin + (row + 0.5) * cell + jy * slack)
+    return Placed(shape, color, center, frac * cell, REGIONS[row][col])
+
+
 def mode_parts(mode: str, ex: Example) -> list[Part]:
     """The assistant parts of one row of ``mode`` (see MISSION.md, "six learning modes")."""
     think, reflect = TextPart(ex.think, False), TextPart(ex.reflection, True)
@@ -525,12 +621,16 @@ def mode_parts(mode: str, ex: Example) -> list[Part]:
         return [think, flawed, reflect]
     if mode == "improving_full_learning":
         return [think, flawed, reflect, ImagePart(ex.correct, loss=True, vae=False, vit=False)]
+    if mode == EDITING_MODE:  # the source as BAGEL feeds an image (VAE, then ViT tokens), the edit, the target
+        return [flawed, TextPart(ex.reflection, False), ImagePart(ex.correct, loss=True, vae=False, vit=False)]
     raise ValueError(f"mode: unknown {mode!r}, expected one of {MODES}")
 
 
 def synth_conversation(mode: str, seed: int, row: int, image_size: int = 64, system_prompt: str = SYSTEM_PROMPT) -> str:
     """Row ``row`` of ``mode``: seeded by (seed, mode, row) alone, so rows do not depend on file splits."""
-    return example_conversation(mode, make_example(random.Random(f"{seed}:{mode}:{row}"), image_size), system_prompt)
+    rng = random.Random(f"{seed}:{mode}:{row}")
+    example = make_edit_example(rng, image_size) if mode == EDITING_MODE else make_example(rng, image_size)
+    return example_conversation(mode, example, system_prompt)
 
 
 def example_conversation(mode: str, ex: Example, system_prompt: str = SYSTEM_PROMPT) -> str:
