@@ -171,3 +171,18 @@ def test_the_job_refuses_bad_input_before_starting_a_cluster(setting, message, t
                           capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr
+
+
+def test_timestep_sampling_is_logit_normal_or_uniform_and_clean_images_stay_at_zero():
+    from irg.model.latents import sample_timesteps
+    from irg.train.config import ConfigError, TrainConfig
+
+    draws = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+    uniform, logit_normal = sample_timesteps(draws, "uniform"), sample_timesteps(draws, "logit_normal")
+    for share in (0.1, 0.5, 0.9):  # uniform: P(t < q) = q; logit-normal puts less mass near the ends
+        assert abs((uniform < share).float().mean().item() - share) < 0.01
+    assert (logit_normal < 0.1).float().mean().item() < 0.05
+    clean = torch.tensor([float("-inf")])
+    assert sample_timesteps(clean, "uniform").item() == sample_timesteps(clean, "logit_normal").item() == 0.0
+    with pytest.raises(ConfigError, match="timestep_sampling"):
+        TrainConfig.from_dict({"model": {"timestep_sampling": "cosine"}})

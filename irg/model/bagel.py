@@ -23,7 +23,7 @@ from irg.model.attention import CAUSAL, FULL, KVCache, PackedAttention
 from irg.model.batch import PackedBatch
 from irg.model.config import BagelConfig
 from irg.model.embeddings import PositionEmbedding2D, TimestepEmbedder
-from irg.model.latents import patchify_latent, shift_timesteps
+from irg.model.latents import patchify_latent, sample_timesteps, shift_timesteps
 from irg.model.llm import MoTLanguageModel, TokenRouting
 from irg.model.vit import MLPConnector, SiglipVisionTower
 
@@ -134,7 +134,8 @@ class Bagel(nn.Module):
             if noise is None:  # drawn where the generator lives, so a CPU generator works for a GPU model
                 gen_device = generator.device if generator is not None else device
                 noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(device, dtype)
-            t = shift_timesteps(torch.sigmoid(batch.packed_timesteps.float()), self.config.timestep_shift)
+            t = shift_timesteps(sample_timesteps(batch.packed_timesteps.float(), self.config.timestep_sampling),
+                                self.config.timestep_shift)
             x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
             x[batch.packed_vae_token_indexes] = self.embed_latents(x_t, t, batch.packed_latent_position_ids)
             gen_mask[batch.packed_vae_token_indexes] = True

@@ -101,6 +101,9 @@ class BagelConfig:
     max_latent_size: int = 64
     vit_max_num_patch_per_side: int = 70
     timestep_shift: float = 4.0  # training-time shift of sampled timesteps (IRG setting)
+    # How training draws a target's timestep from its N(0, 1) draw: sigmoid (logit-normal, the reference) or
+    # the normal CDF (uniform in (0, 1)); then shifted. A training setting, like timestep_shift.
+    timestep_sampling: str = "logit_normal"
     # Token ids of <|vision_start|> / <|vision_end|>, which wrap every image block (Qwen2.5's by default;
     # a loaded checkpoint takes them from its tokenizer).
     image_start_token_id: int = 151652

@@ -27,6 +27,19 @@ def grid_position_ids(h: int, w: int, max_per_side: int, device=None) -> torch.T
     return (rows + torch.arange(w, device=device)[None, :]).reshape(-1)
 
 
+TIMESTEP_SAMPLING = ("logit_normal", "uniform")
+
+
+def sample_timesteps(draw: torch.Tensor, sampling: str) -> torch.Tensor:
+    """Training timesteps in [0, 1] from N(0, 1) draws (-inf: a clean image, t = 0): logit-normal through the
+    sigmoid, as the reference samples them, or uniform through the normal CDF."""
+    if sampling == "logit_normal":
+        return torch.sigmoid(draw)
+    if sampling == "uniform":
+        return torch.special.ndtr(draw)
+    raise ValueError(f"timestep_sampling: expected one of {TIMESTEP_SAMPLING}, got {sampling!r}")
+
+
 def shift_timesteps(t: torch.Tensor | float, shift: float):
     """Rectified-flow timestep shift s·t / (1 + (s−1)·t): more time at high noise for large images."""
     return shift * t / (1 + (shift - 1) * t)

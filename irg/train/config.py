@@ -34,6 +34,7 @@ from irg.data.format import MODES, STAGE_WEIGHTS
 from irg.data.sequence import PreprocessConfig
 from irg.device import resolve_dtype
 from irg.model.checkpoint import resolve_model
+from irg.model.latents import TIMESTEP_SAMPLING
 from irg.names import check_name
 from irg.tracking import TrackingConfig
 
@@ -55,9 +56,12 @@ class ModelSettings:
     freeze_und: bool = False  # the understanding expert of the LLM (and the token embeddings / LM head)
     activation_checkpointing: bool = False
     timestep_shift: float = 4.0
+    timestep_sampling: str = "logit_normal"  # or uniform (irg.model.latents.sample_timesteps)
 
     def __post_init__(self):
         _require(self.timestep_shift > 0, "timestep_shift", self.timestep_shift, "> 0")
+        _require(self.timestep_sampling in TIMESTEP_SAMPLING, "timestep_sampling", self.timestep_sampling,
+                 f"one of {TIMESTEP_SAMPLING}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -13,8 +13,9 @@ from irg.train.config import TrainConfig
 
 
 def prepare_model(model, cfg: TrainConfig):
-    """Freeze what the config freezes, switch on activation checkpointing, set the flow shift."""
+    """Freeze what the config freezes, switch on activation checkpointing, set the flow's timestep sampling."""
     model.config.timestep_shift = cfg.model.timestep_shift
+    model.config.timestep_sampling = cfg.model.timestep_sampling
     if cfg.model.freeze_vit:
         model.vit_model.requires_grad_(False)
     if cfg.model.freeze_und:
