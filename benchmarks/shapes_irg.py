@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--num-steps", type=int, help="default: the model's")
     parser.add_argument("--max-think-tokens", type=int, help="default: the model's")
     parser.add_argument("--think-temperature", type=float, help="default: the model's")
+    parser.add_argument("--round-settings", type=json.loads,
+                        help='per-round overrides as JSON, over the model\'s: e.g. \'[{}, {"start_noise": 0.6}]\' '
+                             "(round 2 from round 1 noised to 0.6; the control runs with the same settings)")
     parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples")
     parser.add_argument("--grid-prompts", type=int, default=GRID_PROMPTS)
     parser.add_argument("--out", type=Path, default=Path("out/benchmarks/shapes_irg"))
@@ -60,7 +63,8 @@ def main() -> None:
     start = time.perf_counter()
     pipe = IRGPipeline.from_pretrained(checkpoint_uri(args.model), device=args.device, dtype=args.dtype)
     settings = {"height": args.height, "width": args.width, "num_steps": args.num_steps,
-                "max_think_tokens": args.max_think_tokens, "think_temperature": args.think_temperature}
+                "max_think_tokens": args.max_think_tokens, "think_temperature": args.think_temperature,
+                "round_settings": args.round_settings}
     result = measure_irg_gain(pipe, shapes_prompts(args.limit, args.seed), batch_size=args.batch_size,
                               seed=args.seed, resamples=args.resamples, **settings)
     result.report.update(model=args.model, device=str(pipe.device), dtype=dtype_name(pipe.dtype))

@@ -38,6 +38,7 @@ SMALL = dict(height=32, width=32, num_steps=3, vae_transform=(32, 16, 16), vit_t
         (dict(round_settings=[{"cfg_interval": (0.8, 0.2)}]), "cfg_interval"),
         (dict(round_settings=[{"cfg_renorm_type": "none"}]), "cfg_renorm_type"),
         (dict(round_settings=[{}, {}, {}]), "round_settings"),
+        (dict(round_settings=[{}, {"start_noise": 1.5}]), "start_noise must be a number in"),
         (dict(think_texts=["a", "b", "c"]), "think_texts"),
         (dict(images=["not an image"]), "images"),
         (dict(images=[Image.new("RGB", (48, 32))]), "images: a given image is 48x32, the request 32x32"),
@@ -192,3 +193,21 @@ def test_given_images_skip_sampling(pipe):
     out = pipe("a red cube", rounds=2, seed=0, images=[draft], callback=events.append, **SMALL)
     assert out.images[0] is draft and out.latents[0] is None
     assert {e.round for e in events if e.kind == "step"} == {1}
+
+
+def test_start_noise_starts_a_round_from_the_last_ones_latent(pipe):
+    settings = dict(SMALL, num_steps=6)
+    from_noise = pipe("a red cube", rounds=2, seed=0, **settings)
+    kept = pipe("a red cube", rounds=2, seed=0, round_settings=[{}, {"start_noise": 0.0}], **settings)
+    assert torch.equal(kept.latents[1], kept.latents[0]) and torch.equal(kept.latents[0], from_noise.latents[0])
+    events = []
+    restarted = pipe("a red cube", rounds=2, seed=0, round_settings=[{}, {"start_noise": 0.5}],
+                     callback=events.append, **settings)
+    steps = [e.detail for e in events if e.kind == "step" and e.round == 1]
+    assert [s.t for s in steps][0] == 0.5 and all(s.t < 0.5 for s in steps[1:])  # only the schedule below s
+    assert len(steps) < settings["num_steps"] - 1
+    assert not torch.equal(restarted.latents[1], from_noise.latents[1])
+    # from a given image: its clean VAE tokens are the start
+    given = pipe("a red cube", rounds=2, seed=0, images=[kept.images[0]], round_settings=[{}, {"start_noise": 0.0}],
+                 **settings)
+    assert given.latents[0] is None and given.latents[1].shape == kept.latents[0].shape

@@ -46,7 +46,7 @@ NEUTRAL_THINK = ("<think> Draw the image again.\n\n"
                  "### Final Comprehensive Prompt for the Improved Image:\nDraw the image again. </think>")
 RESAMPLES = 2000
 CONFIDENCE = 0.95
-GENERATION_SETTINGS = ("height", "width", "num_steps", "max_think_tokens", "think_temperature")
+GENERATION_SETTINGS = ("height", "width", "num_steps", "max_think_tokens", "think_temperature", "round_settings")
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -205,7 +205,8 @@ def measure_irg_gain(pipe, prompts: Sequence[EvalPrompt], batch_size: int = 8, s
 def _generate_batch(pipe, batch: Sequence[EvalPrompt], seeds: list[int], settings: dict) -> list[PromptResult]:
     """Round 1 once, then round 2 after the reflection and after :data:`NEUTRAL_THINK` in one call."""
     texts = [p.prompt for p in batch]
-    first = pipe(texts, rounds=1, seed=seeds, **settings)
+    per_round = settings.get("round_settings")
+    first = pipe(texts, rounds=1, seed=seeds, **{**settings, "round_settings": per_round and per_round[:1]})
     size = first[0].images[0].size
     unit, channels = pipe.config.pixels_per_latent_token, pipe.config.latent_channels
     tokens = (size[0] // unit) * (size[1] // unit)

@@ -45,8 +45,8 @@ from irg.model.latents import grid_position_ids, patchify_latent
 from irg.model.slot_decode import SlotDecoder
 from irg.pipeline.events import PipelineEvent
 from irg.pipeline.flow import StepResult, combine_cfg, flow_timesteps, guided_branches
-from irg.pipeline.request import GenerationRequest
-from irg.pipeline.settings import runs_model
+from irg.pipeline.request import GenerationRequest, InvalidRequestError
+from irg.pipeline.settings import restart_times, runs_model
 from irg.pipeline.text import next_tokens
 from irg.transforms import ImageTransform, patchify_image
 
@@ -172,6 +172,7 @@ class _Trajectory:
     job: Future | None = None  # the image work of DECODE or ENCODE
     latent: torch.Tensor | None = None  # the round's final latents, while they are decoded
     fed: tuple | None = None  # the encoded image: VAE latent tokens, their positions, ViT tokens
+    previous_latent: torch.Tensor | None = None  # the last round's latent tokens (a round's start_noise starts there)
     round_start: float = 0.0
     think_end: float = 0.0
 
@@ -292,6 +293,8 @@ class GenerationEngine:
                     self._end_image(t, result, t.latent)
                 else:
                     t.fed, t.phase = result, Phase.FEED_VAE
+                    if t.previous_latent is None:  # a given image: its clean VAE tokens
+                        t.previous_latent = result[0]
             except Exception as error:  # noqa: BLE001 - the image work or a callback fails its own request
                 self._finish(t.generation, error)
         return [t for t in self._live if t.job is None]
@@ -496,16 +499,32 @@ class GenerationEngine:
         unit = self.config.pixels_per_latent_token
         t.grid = (request.height // unit, request.width // unit)
         shape = (t.grid[0] * t.grid[1], self.config.latent_channels)
+        settings = request.round_settings[t.round]
         t.x = self.pipe.noise(request.init_noise[t.round], t.index, shape, t.generator).float()
-        t.times = flow_timesteps(request.num_steps, request.round_settings[t.round].timestep_shift)
+        t.times = flow_timesteps(request.num_steps, settings.timestep_shift)
+        if settings.start_noise is not None and t.round > 0:
+            previous = self._previous_latent(t)
+            if previous.shape != t.x.shape:
+                raise InvalidRequestError(f"round_settings: start_noise in round {t.round + 1} needs round "
+                                          f"{t.round}'s image at the same size ({tuple(previous.shape)} latent "
+                                          f"tokens, this round {tuple(t.x.shape)})")
+            t.times = restart_times(t.times, settings.start_noise)
+            level = float(t.times[0])
+            t.x = (1 - level) * previous.to(t.x) + level * t.x
         t.position_ids = grid_position_ids(*t.grid, self.config.max_latent_size, device=self.pipe.device)
         t.step, t.phase = 0, Phase.DENOISE
+        if len(t.times) == 1:  # start_noise 0: nothing to denoise
+            self._finish_denoising(t)
+
+    def _previous_latent(self, t: _Trajectory) -> torch.Tensor:
+        """The previous round's final latent tokens; for a given image, its clean VAE tokens as fed back."""
+        return t.previous_latent
 
     def _reuses(self, t: _Trajectory, need_text: bool, need_img: bool) -> bool:
         """Whether ``t``'s step reuses earlier ones (step caching) instead of running the model: off
         unless its round's settings ask, and never before the model ran the branches it needs."""
         settings = t.request.round_settings[t.round]
-        if runs_model(t.step, t.request.num_steps - 1, settings):
+        if runs_model(t.step, len(t.times) - 1, settings):
             return False
         needed = ("cond",) + ("text",) * need_text + ("img",) * need_img
         points = 1 if settings.step_cache_order == 0 else 2
@@ -528,14 +547,17 @@ class GenerationEngine:
         v_text = branches["text"] if need_text else None
         v_img = branches["img"] if need_img else None
         v = combine_cfg(v_cond, v_text, v_img, settings) if need_text else v_cond
-        evaluations = t.request.num_steps - 1
+        evaluations = len(t.times) - 1
         detail = StepResult(t.step, evaluations, time_now, t.x[None], v_cond, v_text, v_img, v, reused=not hidden)
         t.x = t.x - v[0] * (t.times[t.step] - t.times[t.step + 1])
         t.step += 1
         t.generation.emit(PipelineEvent("step", t.round, t.index, step=t.step, num_steps=evaluations, detail=detail))
         if t.step == evaluations:
-            t.latent, t.phase = t.x.cpu(), Phase.DECODE
-            t.job = self._image_work(lambda x, grid: self.pipe.decode_latents(x, grid)[0], t.x[None], t.grid)
+            self._finish_denoising(t)
+
+    def _finish_denoising(self, t: _Trajectory) -> None:
+        t.latent, t.phase = t.x.cpu(), Phase.DECODE
+        t.job = self._image_work(lambda x, grid: self.pipe.decode_latents(x, grid)[0], t.x[None], t.grid)
 
     @staticmethod
     def _extrapolated(t: _Trajectory, time_now: float, order: int) -> dict:
@@ -551,7 +573,7 @@ class GenerationEngine:
 
     def _end_image(self, t: _Trajectory, image: Image.Image, latent: torch.Tensor | None) -> None:
         t.x = t.times = t.position_ids = None
-        t.evaluated = []
+        t.evaluated, t.previous_latent = [], latent
         output, request = t.output, t.request
         output.images.append(image)
         output.latents.append(latent)

@@ -18,7 +18,11 @@ class RoundSettings:
     caching (off by default): with ``step_cache_interval`` N > 1 the model runs only every N-th
     denoising step (and the first two and the last); the steps between extrapolate each CFG branch's
     velocity, a linear map of the generation expert's last features, from the last two it ran
-    (TaylorSeer's first order in t; ``step_cache_order`` 0 reuses the last, as FORA does)."""
+    (TaylorSeer's first order in t; ``step_cache_order`` 0 reuses the last, as FORA does).
+
+    ``start_noise`` (rounds after the first; None, the paper's recipe, starts from pure noise): start
+    from the previous round's latent noised again to level s in [0, 1] (as SDEdit does) and run only
+    the schedule's steps below s; at s = 0 the round keeps the previous latent as it is."""
 
     cfg_text_scale: float = 4.0
     cfg_img_scale: float = 1.0
@@ -28,8 +32,14 @@ class RoundSettings:
     timestep_shift: float = 3.0
     step_cache_interval: int = 1
     step_cache_order: int = 1
+    start_noise: float | None = None
 
     def __post_init__(self):
+        if self.start_noise is not None and (isinstance(self.start_noise, bool)
+                                             or not isinstance(self.start_noise, (int, float))
+                                             or not 0.0 <= self.start_noise <= 1.0):
+            raise ValueError(f"start_noise must be a number in [0, 1] or null (from pure noise), "
+                             f"got {self.start_noise!r}")
         for name in ("step_cache_interval", "step_cache_order"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
@@ -77,6 +87,15 @@ def runs_model(step: int, evaluations: int, settings: RoundSettings) -> bool:
     """Whether denoising step ``step`` (of ``evaluations``) runs the model, or (step caching) reuses it."""
     interval = settings.step_cache_interval
     return interval == 1 or step < 2 or step == evaluations - 1 or step % interval == 0
+
+
+def restart_times(times, start_noise: float):
+    """The part of a schedule (descending, 1 to 0) a round run from level ``start_noise`` takes: that
+    level, then the schedule's times below it."""
+    import torch
+
+    below = times[times < start_noise]
+    return torch.cat([torch.tensor([float(start_noise)], dtype=times.dtype), below])
 
 
 def default_round_settings(round_index: int) -> RoundSettings:
