@@ -27,7 +27,9 @@ import torch
 from irg.device import DTYPE_CHOICES, resolve_dtype
 from irg.embedded_store import free_port
 
-TINY_CHECKPOINT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "bagel_tiny"
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CHECKPOINT = ROOT / "tests" / "fixtures" / "bagel_tiny"
+SHAPES_MODEL = ROOT / "irg" / "models" / "shapes"  # the shapes preset's vocabulary is its own tokenizer's
 
 
 def log(msg: str) -> None:
@@ -68,7 +70,7 @@ def init_single_process_group(backend: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="tiny, mot-1.5b or bagel-7b (random weights)")
+    parser.add_argument("--preset", default="tiny", help="tiny, shapes, mot-1.5b or bagel-7b (random weights)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="fp32 or bf16 (any irg.device spelling)")
     parser.add_argument("--tokens", type=int, default=2048, help="packed tokens per step")
@@ -89,15 +91,16 @@ def main() -> None:
     import deepspeed
 
     from irg.model import AutoEncoder, build_model, get_config
-    from irg.model.checkpoint import load_tokenizer
+    from irg.model.checkpoint import load_tokenizer, read_config
     from irg.train.config import ModelSettings, OptimSettings, TrainConfig
     from irg.train.engine import deepspeed_engine, prepare_model
     from irg.train.step import peak_flops, train_step
 
     dtype = resolve_dtype(args.dtype, device, "--dtype")
     init_single_process_group("nccl" if device.type == "cuda" else "gloo")
-    config = get_config(args.preset)
-    tokenizer = load_tokenizer(str(TINY_CHECKPOINT))
+    shapes = args.preset == "shapes"
+    config = read_config(str(SHAPES_MODEL)) if shapes else get_config(args.preset)
+    tokenizer = load_tokenizer(str(SHAPES_MODEL if shapes else TINY_CHECKPOINT))
     log(f"building {args.preset} on {device}")
     torch.manual_seed(0)
     with device:
