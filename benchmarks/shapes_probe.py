@@ -300,9 +300,10 @@ def main() -> None:
         start, steps, losses = time.monotonic(), 0, []
         while (steps < args.steps) if args.steps else (time.monotonic() - start < args.minutes * 60):
             result = train_step(engine, autoencoder, source.batch(args.tokens, special), config, 1)
+            decay = min(args.ema, (1 + steps) / (10 + steps))  # warmed up: a short probe forgets the init
             with torch.no_grad():
                 for k, v in engine.module.state_dict().items():
-                    ema[k].lerp_(v.float(), 1 - args.ema)
+                    ema[k].lerp_(v.float(), 1 - decay)
             steps += 1
             losses.append((result.loss_mse, result.loss_ce))
             if steps % 20 == 0:

@@ -4,7 +4,7 @@
 2. ``autoencoder``: the FLUX-architecture autoencoder on renders (:mod:`irg.train.autoencoder`);
 3. ``init``: the ``shapes`` preset's random LLM and ViT with that autoencoder and tokenizer, in the
    official BAGEL layout plus ``generation_config.json``;
-4. ``base``: unified pretraining (text to image, image understanding) on synthetic rows;
+4. ``base``: unified pretraining (text to image, image understanding, editing) on synthetic rows;
 5. ``synthesis``: the base model draws round 1 for many prompts, a judge reads each image and the
    reflection and corrected target are written from what is actually wrong (:mod:`irg.data.irgl_synthesis`),
    next to synthetic flawed examples;
@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 
 from irg import storage
-from irg.data.synth import make_example, write_synthetic
+from irg.data.format import EDITING_MODE
+from irg.data.synth import make_edit_example, make_example, write_synthetic
 from irg.pipeline.prompts import SYSTEM_PROMPT
 
 log = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
-BASE_MODES = ("initial_full_learning", "initial_thinking_understanding_learning")
+BASE_MODES = ("initial_full_learning", "initial_thinking_understanding_learning", EDITING_MODE)
 
 # The shapes model is asked with a short system prompt of its own (carried in its generation_config.json):
 # a constant prefix teaches a model trained from scratch nothing, and the IRG prompt's 270 tokens would
@@ -51,17 +52,18 @@ GENERATION_CONFIG = {
 
 @dataclass
 class RecipeSettings:
-    work: str = "out/shapes"  # local folder for the tokenizer, autoencoder and initial checkpoint
+    work: str = "out/shapes"  # local folder for the tokenizer, autoencoder and initial checkpoint (the job: $IRG_HOME)
     data: str = ""  # where the base and IRGL rows go; default: s3://<bucket>/shapes on the configured store
     seed: int = 0
     tokenizer_scenes: int = 4000
     vocab_size: int = 1024
-    base_rows: int = 20000  # per base mode
+    base_rows: int = 25000  # per base mode (1200 steps of ~45 rows draw ~55 000)
     synthetic_rows: int = 2000  # per IRGL mode, synthetic flawed examples
     synthesis_prompts: int = 1024  # prompts the base model draws round 1 for
     synthesis_workers: int = 2
     image_size: int = 64
     ship_to: str | None = None  # copy the final model here (the package's irg/models/shapes)
+    base: str | None = None  # a base model trained elsewhere (benchmarks/shapes_probe.py --save on a GPU)
 
 
 def corpus(scenes: int, seed: int):
@@ -74,6 +76,7 @@ def corpus(scenes: int, seed: int):
         yield example.prompt
         yield example.think
         yield example.reflection
+        yield make_edit_example(rng, 64).reflection  # edits name extra shapes and keep what is right
 
 
 def build_tokenizer(settings: RecipeSettings) -> str:
@@ -240,7 +243,7 @@ def run(settings: RecipeSettings, until: str = STEPS[-1], overrides: list[str] =
         "tokenizer": lambda: build_tokenizer(settings),
         "autoencoder": lambda: build_autoencoder(settings),
         "init": lambda: build_initial_checkpoint(settings, outputs["tokenizer"], outputs["autoencoder"]),
-        "base": lambda: train_base(outputs["init"], write_base_data(settings), overrides),
+        "base": lambda: settings.base or train_base(outputs["init"], write_base_data(settings), overrides),
         "synthesis": lambda: synthesize_irgl_data(settings, outputs["base"]),
         "irgl": lambda: train_irgl(outputs["base"], outputs["synthesis"], overrides)[0],
         "ship": lambda: ship(outputs["irgl"], settings.ship_to) if settings.ship_to else outputs["irgl"],
