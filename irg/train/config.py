@@ -197,12 +197,14 @@ class TrackingSettings(TrackingConfig):
     sample_steps: int | None = None  # None: the model's default
     sample_max_think_tokens: int | None = None  # None: the model's default
     sample_images: bool = True  # at each checkpoint, from the EMA weights (rank 0 holds a full copy)
+    score_prompts: int = 0  # with sample_images, round 1 of this many shapes-world prompts scored at each checkpoint
     peak_tflops: float | None = None  # per worker, for MFU; default: known GPUs, or a measured CPU matmul
     outage_drill_step: int | None = None  # rank 0's logging of this step goes to a closed port (an MLflow outage)
 
     def __post_init__(self):
         check_name(self.registered_model, "registered_model")  # an MLflow filter value
         _require(bool(self.sample_prompt.strip()), "sample_prompt", self.sample_prompt, "a non-empty prompt")
+        _require(self.score_prompts >= 0, "score_prompts", self.score_prompts, ">= 0")
         for name in ("sample_size", "sample_steps", "sample_max_think_tokens"):  # the model's bounds: preflight
             value = getattr(self, name)
             _require(value is None or value >= 1, name, value, ">= 1 or null")

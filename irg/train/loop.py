@@ -149,12 +149,15 @@ def log_checkpoint_extras(cfg: TrainConfig, ema: ShardedEMA, batches: WorkerBatc
                         "data_rows_rejected": sum(stats.rejected.values())}, step)
     log_loss_curve(logger)
     if weights is not None:
-        logger.log_image(sample(weights, pretrained, cfg, ema.device), f"samples/step_{step:07d}.png")
+        pipe = ema_pipeline(weights, pretrained, cfg, ema.device)
+        logger.log_image(sample(pipe, cfg), f"samples/step_{step:07d}.png")
+        if cfg.tracking.score_prompts:
+            logger.log_metrics({"round1_shapes_score": shapes_score(pipe, cfg.tracking.score_prompts)}, step)
 
 
-def sample(weights: dict, pretrained, cfg: TrainConfig, device: torch.device):
-    """The fixed prompt through every round, from the EMA weights, on rank 0's device in the training dtype
-    (a full copy next to the training state: for a 7B model in bf16, 29 GB of GPU memory)."""
+def ema_pipeline(weights: dict, pretrained, cfg: TrainConfig, device: torch.device) -> IRGPipeline:
+    """The EMA weights as a pipeline, on rank 0's device in the training dtype (a full copy next to the
+    training state: for a 7B model in bf16, 29 GB of GPU memory)."""
     from irg.model import build_model
 
     with torch.device("meta"):
@@ -162,7 +165,23 @@ def sample(weights: dict, pretrained, cfg: TrainConfig, device: torch.device):
     model.load_state_dict({k: v.to(device) for k, v in weights.items()}, assign=True)
     autoencoder = pretrained.autoencoder.to(device, cfg.model.torch_dtype)
     defaults = model_defaults(cfg.model.checkpoint, pretrained.config, pretrained.generation_config)
-    pipe = IRGPipeline(model.eval(), autoencoder, pretrained.tokenizer, defaults)
+    return IRGPipeline(model.eval(), autoencoder, pretrained.tokenizer, defaults)
+
+
+def shapes_score(pipe: IRGPipeline, prompts: int) -> float:
+    """Round 1 of ``prompts`` fixed shapes-world prompts scored by GenEval's rules: the score against training
+    tokens, as the run goes (a shapes-world model only)."""
+    from irg.eval.benchmarks import shapes_prompts
+    from irg.eval.geneval import shapes_scorer
+
+    chosen = shapes_prompts(prompts, seed=0)
+    outputs = pipe([p.prompt for p in chosen], rounds=1, seed=list(range(len(chosen))))
+    verdicts = shapes_scorer().score([(p, out.images[0]) for p, out in zip(chosen, outputs)])
+    return sum(v.score for v in verdicts) / len(verdicts)
+
+
+def sample(pipe: IRGPipeline, cfg: TrainConfig):
+    """The fixed prompt through every round."""
     t = cfg.tracking
     out = pipe(t.sample_prompt, height=t.sample_size, width=t.sample_size, num_steps=t.sample_steps, seed=0,
                max_think_tokens=t.sample_max_think_tokens, vae_transform=cfg.data.preprocess.vae_transform,
