@@ -125,7 +125,7 @@ def test_the_report_of_a_run_on_the_tiny_model(measured):
     _, result = measured
     report = result.report
     assert report["benchmark"] == "shapes_irg" and report["prompts"] == 6 and report["image_size"] == [64, 64]
-    assert report["settings"] == {**TINY, "think_temperature": None}
+    assert report["settings"] == {**TINY, "think_temperature": None, "round_settings": None}
     assert list(report["categories"]) == CATEGORIES
     for block in [*report["categories"].values(), report["overall"]]:
         for key in ("round1", "round2", "control_round2", "delta", "control_delta", "reflection_vs_control"):
