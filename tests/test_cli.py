@@ -85,7 +85,7 @@ def test_store_and_data_commands_end_to_end(tmp_path):
         stats = irg("data", "stats", "s3://irg/clean", "--json")
         assert stats.returncode == 0, stats.stderr
         modes = json.loads(stats.stdout)["modes"]
-        assert len(modes) == 6 and all(m["rows"] == 3 for m in modes.values())
+        assert len(modes) == 7 and all(m["rows"] == 3 for m in modes.values())  # the six IRGL modes and editing
         again = irg("data", "import", "s3://irg/synth", "s3://irg/clean")
         assert again.returncode == 2 and "irg data: error:" in again.stderr  # refuses to mix with old data
     finally:
