@@ -104,7 +104,7 @@ def build(args, dtype, device):
     autoencoder; its DeepSpeed engine."""
     from dataclasses import replace
 
-    from irg.model import load_pretrained
+    from irg.model import build_model, load_pretrained
     from irg.model.config import shapes_config
     from irg.train.config import ModelSettings, OptimSettings, TrainConfig
     from irg.train.engine import deepspeed_engine, prepare_model
@@ -119,8 +119,6 @@ def build(args, dtype, device):
                          num_hidden_layers=args.depth, num_attention_heads=heads,
                          num_key_value_heads=max(1, heads // 2))
     config.ae = shipped.config.ae
-    from irg.model import build_model
-
     model = build_model(config)
     init_weights(model, seed=args.seed)
     model.to(device)
@@ -169,6 +167,7 @@ def held_out_losses(model, shipped, config, batches: int = 4, tokens: int = 4096
     """Image MSE of the text-to-image and the editing task on held-out rows, at the reference's timestep
     draws (logit-normal, the model's shift) and fixed noise: one yardstick whatever the run's sampling."""
     from irg.data.sequence import SpecialTokens
+    from irg.train.shapes_recipe import SHAPES_SYSTEM_PROMPT
 
     special = SpecialTokens.from_tokenizer(shipped.tokenizer)
     model = model.float().eval()
@@ -177,8 +176,8 @@ def held_out_losses(model, shipped, config, batches: int = 4, tokens: int = 4096
     model.config.timestep_sampling, model.config.timestep_shift = "logit_normal", 1.0
     losses = {}
     for task, weights in HELD_OUT.items():
-        source = RowSource(shipped.tokenizer, config, parse_weights(weights), _system_prompt(), seed=10_000 + len(task),
-                           think_boilerplate=False)
+        source = RowSource(shipped.tokenizer, config, parse_weights(weights), SHAPES_SYSTEM_PROMPT,
+                           seed=10_000 + len(task), think_boilerplate=False)
         total = count = 0.0
         generator = torch.Generator().manual_seed(0)
         for _ in range(batches):
@@ -193,12 +192,6 @@ def held_out_losses(model, shipped, config, batches: int = 4, tokens: int = 4096
             count += out.mse_per_element.shape[0]
         losses[task] = round(total / count, 4)
     return losses
-
-
-def _system_prompt() -> str:
-    from irg.train.shapes_recipe import SHAPES_SYSTEM_PROMPT
-
-    return SHAPES_SYSTEM_PROMPT
 
 
 def reconstruction_check(shipped, count: int) -> dict:

@@ -172,7 +172,8 @@ class _Trajectory:
     job: Future | None = None  # the image work of DECODE or ENCODE
     latent: torch.Tensor | None = None  # the round's final latents, while they are decoded
     fed: tuple | None = None  # the encoded image: VAE latent tokens, their positions, ViT tokens
-    previous_latent: torch.Tensor | None = None  # the last round's latent tokens (a round's start_noise starts there)
+    previous_latent: torch.Tensor | None = None  # the last round's latent tokens (a given image: its clean VAE
+    # tokens); a round with start_noise starts there
     round_start: float = 0.0
     think_end: float = 0.0
 
@@ -503,7 +504,7 @@ class GenerationEngine:
         t.x = self.pipe.noise(request.init_noise[t.round], t.index, shape, t.generator).float()
         t.times = flow_timesteps(request.num_steps, settings.timestep_shift)
         if settings.start_noise is not None and t.round > 0:
-            previous = self._previous_latent(t)
+            previous = t.previous_latent
             if previous.shape != t.x.shape:
                 raise InvalidRequestError(f"round_settings: start_noise in round {t.round + 1} needs round "
                                           f"{t.round}'s image at the same size ({tuple(previous.shape)} latent "
@@ -515,10 +516,6 @@ class GenerationEngine:
         t.step, t.phase = 0, Phase.DENOISE
         if len(t.times) == 1:  # start_noise 0: nothing to denoise
             self._finish_denoising(t)
-
-    def _previous_latent(self, t: _Trajectory) -> torch.Tensor:
-        """The previous round's final latent tokens; for a given image, its clean VAE tokens as fed back."""
-        return t.previous_latent
 
     def _reuses(self, t: _Trajectory, need_text: bool, need_img: bool) -> bool:
         """Whether ``t``'s step reuses earlier ones (step caching) instead of running the model: off

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import torch
+
 RENORM_TYPES = ("global", "channel", "text_channel")
 
 
@@ -92,8 +94,6 @@ def runs_model(step: int, evaluations: int, settings: RoundSettings) -> bool:
 def restart_times(times, start_noise: float):
     """The part of a schedule (descending, 1 to 0) a round run from level ``start_noise`` takes: that
     level, then the schedule's times below it."""
-    import torch
-
     below = times[times < start_noise]
     return torch.cat([torch.tensor([float(start_noise)], dtype=times.dtype), below])
 
